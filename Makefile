@@ -1,0 +1,35 @@
+# Two commands do everything on a fresh machine:  `make demo`  and  `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= runs/demo
+export DS_ACCELERATOR ?= cpu
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: venv demo test bench clean-demo
+
+venv: $(VENV)/.installed
+
+# torch first (the local CPU build here; a CUDA build already in the venv is kept), then the pins.
+$(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt \
+		-r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps DALL-E==0.1
+	touch $@
+
+# The whole pipeline on the embedded shapes corpus, on CPU (tiny preset).
+demo: venv
+	$(PY) data_prep/make_shapes_corpus.py --output $(DEMO_DIR)/corpus --count 4000 --seed 0
+	@echo "demo outputs are in $(DEMO_DIR)"
+
+test: venv
+	$(PY) -m pytest
+
+bench: venv
+	$(PY) -m bench.matmul_peak
+
+clean-demo:
+	rm -rf $(DEMO_DIR)
