@@ -182,6 +182,7 @@ class OptimConfig:
     plateau_patience: int = 5_000  # updates without improvement before halving
     plateau_threshold: float = 1e-3  # relative improvement that counts
     max_halvings: int = 5
+    plateau_ema: float = 0.98  # smoothing of the training loss the plateau test looks at
 
     def validate(self, p: str = "optim") -> None:
         for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "plateau_patience"):
@@ -191,6 +192,7 @@ class OptimConfig:
         _require(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, "must be >= 0")
         _require(self.grad_clip >= 0, f"{p}.grad_clip", self.grad_clip, "must be >= 0 (0 disables)")
         _require(self.max_halvings >= 0, f"{p}.max_halvings", self.max_halvings, "must be >= 0")
+        _require(0 <= self.plateau_ema < 1, f"{p}.plateau_ema", self.plateau_ema, "must be in [0, 1)")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas", self.betas,
                  "must be two values in [0, 1)")
 
@@ -200,7 +202,7 @@ class PrecisionConfig:
     """Per-resblock gradient scaling for fp16 (paper App. D). Precision itself is chosen by
     the DeepSpeed JSON (fp16 / bf16 / fp32); these settings only apply under fp16."""
 
-    block_scaling: bool = True
+    block_scaling: bool = True  # false under fp16: DeepSpeed's own fp16 (whole model half, one scale)
     init_scale_log2: float = 13.0  # initial scale = M * 2**13, M = data-parallel ranks
     min_scale_log2: float = 7.0
     max_scale_log2: float = 24.0
@@ -222,7 +224,8 @@ class PrecisionConfig:
 class PowerSGDConfig:
     """Cross-node gradient compression (paper App. E). ZeRO-3 shards within a node group."""
 
-    enabled: bool = False
+    enabled: bool = False  # true: ZeRO-3 within node groups + PowerSGD across them
+    hierarchical: bool = False  # with enabled=false: ZeRO-3 within node groups + exact fp32 average across
     node_size: int = 0  # ranks per ZeRO partition group; 0 = ranks per node from the launcher
     rank: int = 896  # paper: 896 for the 12B model
     min_compression_numel: int = 65536  # smaller shards are all-reduced exactly

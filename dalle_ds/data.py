@@ -1,0 +1,446 @@
+"""Rank- and worker-aware loaders over webdataset shards: images for the dVAE, tokens for the prior.
+
+    loader = ImageShardLoader("s3://b/shards/", batch_size=8, mode="dvae", size=256, num_workers=2)
+    for batch in loader:          # {"images": (B,3,H,W) float in [0,1], "captions", "keys"}
+        ...
+        ckpt["data"] = loader.state_dict()       # this rank's position; restore with load_state_dict
+
+    tokens = TokenShardLoader(spec, batch_size=8, tokenizer=tok, grid=32, codebook_size=8192)
+    # {"text": (B,text_len) int64, "codes": (B,grid*grid) int64, "captions", "keys"}
+
+Shards are anything :func:`dalle_ds.storage.expand_urls` accepts (paths, brace ranges, globs,
+directories, ``s3://`` prefixes); tar streams are opened with webdataset's ``gopen`` (storage
+registers the s3 scheme) and grouped into samples with webdataset's tar iterators.
+
+Exactly-once split. The job has S = world_size x max(1, num_workers) reader *slots*; slot
+``rank * W + worker``. Each epoch the shard list is permuted with a generator seeded by
+(seed, epoch), the same on every slot, then:
+- shards >= S: slot s reads the shards at positions s, s+S, s+2S, ... whole;
+- shards <  S: the slots are spread over the shards (slot s reads position s mod n) and the k
+  slots sharing a shard keep every k-th sample of it (sample i kept by the (i mod k)-th reader).
+Both cover every sample of the corpus exactly once per epoch, for any world size and worker
+count, and each shard is read by at most ceil(S / n) slots, so the job reads max(n, S) shard
+streams per epoch instead of n x S for pure sample striding (which would read the whole corpus
+on every slot: it does not scale to hundreds of ranks). A permutation per epoch changes which
+slot reads which shard, so unevenly sized shards even out over epochs.
+
+Order within a slot: its shards in turn through a shuffle buffer (``shuffle_buffer`` raw
+samples, a generator seeded by (seed, epoch, slot)); ``shuffle=False`` keeps the stored order.
+Decoding and augmentation happen after the buffer, with a per-sample generator seeded by
+(seed, epoch, key), so the same sample gets the same crop whichever slot reads it.
+
+Remainders. ``infinite=True`` (training): each slot runs epoch after epoch on its own, a batch
+may span two epochs, and every rank can take as many steps as it likes, so DeepSpeed's ranks
+always step together; a slot's epoch e is its share of the corpus, and the union of all slots'
+epoch e is the corpus exactly once (slots with larger shares reach epoch e+1 later).
+``infinite=False`` (evaluation, offline tokenization): one ``iter()`` is one epoch; every slot
+yields its share once, its last batch may be short, and ranks may get different numbers of
+batches (nothing is padded or dropped) — callers that need equal step counts across ranks
+use infinite mode with a fixed number of steps. A slot that gets no sample in MAX_EMPTY_EPOCHS
+epochs in a row (a corpus with fewer samples than slots) is an error rather than a hang.
+
+Resume. Every batch carries, for its slot, the (epoch, samples consumed) after it; the main
+process keeps the latest per worker from the batches actually handed to the caller (prefetched
+batches do not count) and which worker the DataLoader's round-robin serves next.
+``state_dict()`` returns that; after ``load_state_dict()`` the next ``iter()`` regenerates each
+slot's stream, skips the consumed samples without decoding them, and rotates the worker ids so
+the round-robin continues with the same slot. The batches that follow are the ones an
+uninterrupted iterator would have produced (images identical; token text identical unless BPE
+dropout is on, whose randomness lives in the tokenizers library). The state is per rank; a
+checkpoint keeps one per rank. It is only valid for the same seed, shards, world size and
+worker count; ``load_state_dict(state, strict=False)`` accepts a changed layout and restarts at
+the beginning of the earliest saved epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import random
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from dalle_ds import storage
+from dalle_ds.augment import Augment
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_EMPTY_EPOCHS = 16
+
+
+class ShardError(ValueError):
+    """A shard or a sample in it is unreadable or malformed; the message names both."""
+
+
+def _seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(), "little")
+
+
+def _default_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+# ---------------------------------------------------------------- shards and the split
+
+
+def iter_shard(url: str) -> Iterator[dict[str, Any]]:
+    """Raw samples of one tar shard: ``{"__key__", "__url__", ext: bytes, ...}`` in stored order."""
+    try:
+        with gopen(url, "rb") as stream:
+            files = tar_file_expander([{"url": url, "stream": stream}])
+            yield from group_by_keys(files)
+    except ShardError:
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised naming the shard
+        raise ShardError(f"{url}: cannot read shard ({type(e).__name__}: {e.args[0] if e.args else e})") from e
+
+
+def holdout_split(urls: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    """(train, validation) shard lists: the ceil(fraction x n) shards whose *names* hash lowest are
+    held out, so the split does not depend on where the shards are stored or how they are listed."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation fraction {fraction}: must be in [0, 1)")
+    n_val = math.ceil(fraction * len(urls))
+    if n_val and n_val >= len(urls):
+        raise ValueError(f"validation fraction {fraction} of {len(urls)} shards leaves none for training")
+    ranked = sorted(urls, key=lambda u: hashlib.sha1(u.rsplit("/", 1)[-1].encode()).hexdigest())
+    val = set(ranked[:n_val])
+    return [u for u in urls if u not in val], [u for u in urls if u in val]
+
+
+def slot_plan(n_shards: int, total_slots: int, slot: int, order: list[int]) -> list[tuple[int, int, int]]:
+    """What one slot reads in one epoch: ``(shard index, stride, offset)`` triples; the slot keeps
+    the samples i (0-based, in stored order) of that shard with ``i % stride == offset``."""
+    if n_shards >= total_slots:
+        return [(order[j], 1, 0) for j in range(slot, n_shards, total_slots)]
+    j = slot % n_shards
+    return [(order[j], len(range(j, total_slots, n_shards)), slot // n_shards)]
+
+
+def epoch_order(n_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    order = list(range(n_shards))
+    if shuffle:
+        random.Random(_seed("shards", seed, epoch)).shuffle(order)
+    return order
+
+
+def _shuffled(samples: Iterator[Any], buffer: int, rng: random.Random) -> Iterator[Any]:
+    if buffer <= 1:
+        yield from samples
+        return
+    pool: list[Any] = []
+    for s in samples:
+        if len(pool) < buffer:
+            pool.append(s)
+            continue
+        j = rng.randrange(buffer)
+        yield pool[j]
+        pool[j] = s
+    rng.shuffle(pool)
+    yield from pool
+
+
+def _with_last(it: Iterator[Any]) -> Iterator[tuple[Any, bool]]:
+    try:
+        prev = next(it)
+    except StopIteration:
+        return
+    for item in it:
+        yield prev, False
+        prev = item
+    yield prev, True
+
+
+# ---------------------------------------------------------------- the per-worker dataset
+
+
+class _SlotDataset(IterableDataset):
+    """Runs inside each DataLoader worker: its slot's stream from a start state, in batches."""
+
+    def __init__(self, urls: list[str], loader: "ShardLoader", start: list[tuple[int, int]], rotate: int):
+        super().__init__()
+        self.urls, self.start, self.rotate = urls, start, rotate
+        self.rank, self.world, self.workers = loader.rank, loader.world_size, loader.slots_per_rank
+        self.batch_size, self.seed, self.shuffle = loader.batch_size, loader.seed, loader.shuffle
+        self.buffer, self.infinite, self.decode = loader.shuffle_buffer, loader.infinite, loader.decode_batch
+
+    def epoch_samples(self, slot: int, epoch: int) -> Iterator[dict[str, Any]]:
+        order = epoch_order(len(self.urls), self.seed, epoch, self.shuffle)
+        total = self.world * self.workers
+
+        def read() -> Iterator[dict[str, Any]]:
+            for shard, stride, offset in slot_plan(len(self.urls), total, slot, order):
+                for i, sample in enumerate(iter_shard(self.urls[shard])):
+                    if i % stride == offset:
+                        yield sample
+
+        rng = random.Random(_seed("buffer", self.seed, epoch, slot))
+        return _shuffled(read(), self.buffer if self.shuffle else 0, rng)
+
+    def samples(self, slot: int, epoch: int, pos: int) -> Iterator[tuple[dict, int, int, int]]:
+        """(sample, its epoch, epoch and position after it), skipping ``pos`` samples first."""
+        empty_epochs = 0
+        while True:
+            seen = 0
+            for i, (sample, last) in enumerate(_with_last(self.epoch_samples(slot, epoch))):
+                seen = i + 1
+                if i < pos:
+                    continue
+                after = (epoch + 1, 0) if (last and self.infinite) else (epoch, i + 1)
+                yield sample, epoch, *after
+            if pos > seen:
+                raise ValueError(f"saved position {pos} of slot {slot} is past the end of its epoch {epoch} "
+                                 f"({seen} samples): the state does not belong to these shards")
+            if not self.infinite:
+                return
+            empty_epochs = empty_epochs + 1 if seen == 0 else 0
+            if empty_epochs == MAX_EMPTY_EPOCHS:  # an empty share is fine now and then, not forever
+                raise ValueError(f"slot {slot} of {self.world * self.workers} (rank {self.rank}) got no samples in "
+                                 f"{MAX_EMPTY_EPOCHS} epochs of {len(self.urls)} shards: fewer samples than "
+                                 f"ranks x workers, or empty shards")
+            epoch, pos = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = ((info.id if info else 0) + self.rotate) % self.workers  # logical worker
+        slot = self.rank * self.workers + worker
+        epoch, pos = self.start[worker]
+        batch: list[tuple[dict, int]] = []
+        for sample, sample_epoch, epoch_after, pos_after in self.samples(slot, epoch, pos):
+            batch.append((sample, sample_epoch))
+            if len(batch) == self.batch_size:
+                yield {**self.decode(batch), "_worker": worker, "_epoch": epoch_after, "_pos": pos_after}
+                batch = []
+        if batch:
+            yield {**self.decode(batch), "_worker": worker, "_epoch": epoch_after, "_pos": pos_after}
+
+
+# ---------------------------------------------------------------- the loaders
+
+
+class ShardLoader:
+    """Base: shard split, shuffle, batching in workers, resumable position. Subclasses decode."""
+
+    def __init__(self, shards: str | list[str], batch_size: int, *, rank: int | None = None,
+                 world_size: int | None = None, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
+                 shuffle_buffer: int = 1000, infinite: bool = True, prefetch_factor: int = 2,
+                 pin_memory: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers}: must be >= 0")
+        default_rank, default_world = _default_rank_world()
+        self.rank = default_rank if rank is None else rank
+        self.world_size = default_world if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank={self.rank}, world_size={self.world_size}: need 0 <= rank < world_size")
+        self.urls = storage.expand_urls(shards)
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.shuffle, self.shuffle_buffer, self.infinite = shuffle, shuffle_buffer, infinite
+        self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
+        self.slots_per_rank = max(1, num_workers)
+        self._workers = [(0, 0)] * self.slots_per_rank  # per logical worker: (epoch, samples consumed)
+        self._next_worker = 0
+
+    # -- subclasses
+    def decode_batch(self, batch: list[tuple[dict, int]]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def finish_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return batch
+
+    # -- iteration
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        dataset = _SlotDataset(self.urls, self, list(self._workers), self._next_worker)
+        kwargs = {"prefetch_factor": self.prefetch_factor} if self.num_workers else {}
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory, **kwargs)
+        start_epoch = min(e for e, _ in self._workers)
+        for batch in loader:
+            worker = batch.pop("_worker")
+            self._workers[worker] = (batch.pop("_epoch"), batch.pop("_pos"))
+            self._next_worker = (worker + 1) % self.slots_per_rank
+            yield self.finish_batch(batch)
+        if not self.infinite:  # a completed finite pass: the next iter() is the next epoch
+            self.set_epoch(start_epoch + 1)
+
+    @property
+    def epoch(self) -> int:
+        """The earliest epoch any of this rank's workers is in."""
+        return min(e for e, _ in self._workers)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start every worker at the beginning of ``epoch`` (finite mode: the next pass)."""
+        self._workers = [(epoch, 0)] * self.slots_per_rank
+        self._next_worker = 0
+
+    # -- resume
+    def _fingerprint(self) -> str:
+        return hashlib.sha1("\n".join(self.urls).encode()).hexdigest()[:16]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "num_workers": self.num_workers, "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer,
+                "infinite": self.infinite, "shards": self._fingerprint(), "num_shards": len(self.urls),
+                "workers": [list(w) for w in self._workers], "next_worker": self._next_worker}
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        mine = self.state_dict()
+        keys = ("seed", "rank", "world_size", "num_workers", "shuffle", "shuffle_buffer", "infinite", "shards")
+        diff = {k: (state.get(k), mine[k]) for k in keys if state.get(k) != mine[k]}
+        if diff and strict:
+            shown = ", ".join(f"{k}: saved {a!r} != now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"loader state does not match this loader ({shown}); pass strict=False to restart "
+                             f"at the beginning of the earliest saved epoch")
+        if diff:
+            self.set_epoch(min(e for e, _ in state["workers"]))
+            return
+        self._workers = [(int(e), int(p)) for e, p in state["workers"]]
+        self._next_worker = int(state["next_worker"])
+
+
+def _caption(sample: dict, url: str) -> str:
+    if "txt" not in sample:
+        raise ShardError(f"{url}: sample {sample['__key__']!r} has no .txt caption (has {_exts(sample)})")
+    try:
+        return sample["txt"].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ShardError(f"{url}: sample {sample['__key__']!r}: caption is not UTF-8 ({e})") from None
+
+
+def _exts(sample: dict) -> list[str]:
+    return sorted(k for k in sample if not k.startswith("__"))
+
+
+class ImageShardLoader(ShardLoader):
+    """Image shards -> ``{"images": (B,3,size,size) float in [0,1], "captions", "keys"}``.
+
+    ``mode``: "dvae" (Listing 1), "prior" (Listing 2) or "eval" (deterministic centre crop), see
+    :mod:`dalle_ds.augment`. Workers send uint8 images; the float conversion happens in the caller.
+    """
+
+    def __init__(self, shards: str | list[str], batch_size: int, *, mode: str = "dvae", size: int = 256, **kw):
+        self.augment = Augment(mode, size)
+        super().__init__(shards, batch_size, **kw)
+
+    def decode_batch(self, batch: list[tuple[dict, int]]) -> dict[str, Any]:
+        images, captions, keys = [], [], []
+        for sample, epoch in batch:
+            url, key = sample["__url__"], sample["__key__"]
+            ext = next((e for e in IMAGE_EXTS if e in sample), None)
+            if ext is None:
+                raise ShardError(f"{url}: sample {key!r} has no image ({'/'.join(IMAGE_EXTS)}; has {_exts(sample)})")
+            try:
+                img = Image.open(io.BytesIO(sample[ext]))
+                img.load()
+            except Exception as e:  # noqa: BLE001 - re-raised naming shard and key
+                raise ShardError(f"{url}: sample {key!r}: cannot decode .{ext} ({type(e).__name__}: {e})") from e
+            images.append(self.augment(img, random.Random(_seed("aug", self.seed, epoch, key))))
+            captions.append(_caption(sample, url))
+            keys.append(key)
+        # numpy, not torch: single-threaded, so it does not contend with the training threads.
+        stacked = np.stack([x.numpy() for x in images])  # (B, 3, H, W) uint8
+        return {"images": torch.from_numpy(stacked), "captions": captions, "keys": keys}
+
+    def finish_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        images = np.divide(batch["images"].numpy(), np.float32(255.0), dtype=np.float32)
+        batch["images"] = torch.from_numpy(images)  # (B, 3, H, W) float in [0, 1]
+        return batch
+
+
+class TokenShardLoader(ShardLoader):
+    """Token shards -> ``{"text": (B,text_len) int64, "codes": (B,grid*grid) int64, "captions", "keys"}``.
+
+    ``tokenizer`` is anything with ``encode(captions, dropout=...) -> LongTensor (B, text_len)``
+    (``dalle_ds.tokenizer.TextTokenizer``); text is tokenized in the workers with BPE dropout
+    ``bpe_dropout``. Codes are checked: grid*grid of them, each < ``codebook_size``.
+    """
+
+    def __init__(self, shards: str | list[str], batch_size: int, *, tokenizer: Any, grid: int,
+                 codebook_size: int, bpe_dropout: float = 0.0, **kw):
+        self.tokenizer, self.grid, self.codebook_size, self.bpe_dropout = tokenizer, grid, codebook_size, bpe_dropout
+        super().__init__(shards, batch_size, **kw)
+
+    def decode_batch(self, batch: list[tuple[dict, int]]) -> dict[str, Any]:
+        codes, captions, keys = [], [], []
+        n = self.grid * self.grid
+        for sample, _ in batch:
+            url, key = sample["__url__"], sample["__key__"]
+            if "codes" not in sample:
+                raise ShardError(f"{url}: sample {key!r} has no .codes (has {_exts(sample)})")
+            raw = sample["codes"]
+            if len(raw) != 2 * n:
+                raise ShardError(f"{url}: sample {key!r}: .codes has {len(raw)} bytes, expected {2 * n} "
+                                 f"(grid {self.grid}x{self.grid} uint16)")
+            c = np.frombuffer(raw, dtype="<u2")
+            if int(c.max()) >= self.codebook_size:
+                raise ShardError(f"{url}: sample {key!r}: code {int(c.max())} >= codebook size {self.codebook_size}")
+            codes.append(torch.from_numpy(c.astype(np.int64)))
+            captions.append(_caption(sample, url))
+            keys.append(key)
+        text = self.tokenizer.encode(captions, dropout=self.bpe_dropout)  # (B, text_len)
+        return {"text": text.long(), "codes": torch.stack(codes), "captions": captions, "keys": keys}
+
+
+# ---------------------------------------------------------------- token manifests
+
+
+def _folder(url: str) -> str:
+    return url.rsplit("/", 1)[0] if "/" in url else "."
+
+
+def check_token_manifest(shards_spec: str | list[str], expected_grid: int, expected_codebook: int,
+                         expected_dvae_hash: str | None = None) -> list[dict[str, Any]]:
+    """Refuse token shards made for another dVAE: read ``manifest.json`` next to the shards (every
+    folder they come from) and compare its ``grid_size``, ``codebook_size`` and ``dvae_hash``;
+    shards that the manifest does not list are refused too. Returns the manifests."""
+    urls = storage.expand_urls(shards_spec)
+    manifests = []
+    for folder in sorted({_folder(u) for u in urls}):
+        path = storage.join(folder, "manifest.json")
+        if not storage.exists(path):
+            raise FileNotFoundError(f"{path}: no manifest.json next to the token shards {shards_spec!r} "
+                                    f"(data_prep/tokenize_images.py writes it)")
+        m = storage.read_json(path)
+        for field, want in (("grid_size", expected_grid), ("codebook_size", expected_codebook),
+                            ("dvae_hash", expected_dvae_hash)):
+            if want is None:
+                continue
+            if field not in m:
+                raise ValueError(f"{path}: manifest has no {field!r} (keys: {sorted(m)})")
+            if m[field] != want:
+                raise ValueError(f"{path}: token shards were made with {field}={m[field]!r}, "
+                                 f"this run expects {want!r}: re-tokenize with this dVAE or fix the config")
+        listed = _manifest_shard_names(m)
+        if listed is not None:
+            missing = [u for u in urls if _folder(u) == folder and u.rsplit("/", 1)[-1] not in listed]
+            if missing:
+                raise ValueError(f"{path}: shards not listed in the manifest (unfinished or foreign): {missing[:5]}")
+        manifests.append(m)
+    return manifests
+
+
+def _manifest_shard_names(m: dict[str, Any]) -> set[str] | None:
+    shards = m.get("shards")
+    if isinstance(shards, dict):
+        return {str(k).rsplit("/", 1)[-1] for k in shards}
+    if isinstance(shards, list):
+        names = set()
+        for s in shards:
+            name = (s.get("name") or s.get("shard") or s.get("url")) if isinstance(s, dict) else s
+            names.add(str(name).rsplit("/", 1)[-1])
+        return names
+    return None
+
+
+__all__ = ["ImageShardLoader", "TokenShardLoader", "ShardLoader", "ShardError", "check_token_manifest",
+           "holdout_split", "slot_plan", "epoch_order", "iter_shard"]

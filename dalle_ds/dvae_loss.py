@@ -1,0 +1,73 @@
+"""The dVAE's relaxed ELBO (paper §2.1, App. A.3) and its reconstruction diagnostics.
+
+Pixels x in [0, 1] are mapped to y = (1 - 2 eps) x + eps (eps = 0.1) so logit(y) is finite.
+The logit-Laplace density of y with location mu and scale b is
+    p(y) = 1 / (2 b y (1 - y)) * exp(-|logit(y) - mu| / b),
+so the per-subpixel negative log-likelihood is ln 2 + ln b + ln y + ln(1 - y) + |logit(y) - mu| / b.
+KL(q(z|x) || uniform) at one grid position is sum_k q_k ln q_k + ln K. The loss is
+    (sum of NLL over subpixels + beta * sum of KL over positions) / (C * H * W), mean over the batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LOGIT_LAPLACE_EPS = 0.1
+
+
+def map_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
+    return (1 - 2 * eps) * x + eps
+
+
+def unmap_pixels(y: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
+    return ((y - eps) / (1 - 2 * eps)).clamp(0, 1)
+
+
+def logit_laplace_nll(y: torch.Tensor, mu: torch.Tensor, ln_b: torch.Tensor) -> torch.Tensor:
+    """Elementwise -ln p(y | mu, b) for y in (0, 1); all (B, C, H, W)."""
+    logit_y = torch.log(y) - torch.log1p(-y)
+    return (math.log(2.0) + ln_b + torch.log(y) + torch.log1p(-y)
+            + (logit_y - mu).abs() * torch.exp(-ln_b))
+
+
+def gumbel_softmax(logits: torch.Tensor, tau: float, dim: int = 1,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """softmax((logits + g) / tau), g ~ Gumbel(0, 1) drawn from ``generator`` (so a run can make the
+    noise a function of (seed, step, rank) and resume exactly)."""
+    if tau <= 0:
+        raise ValueError(f"tau={tau}: must be > 0")
+    g = -torch.empty_like(logits).exponential_(generator=generator).log()
+    return F.softmax((logits + g) / tau, dim=dim)
+
+
+def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(logits) || uniform) over dim 1, one value per position: (B, K, h, w) -> (B, h, w)."""
+    log_q = F.log_softmax(logits.float(), dim=1)
+    return (log_q.exp() * log_q).sum(dim=1) + math.log(logits.shape[1])
+
+
+def dvae_loss(y: torch.Tensor, mu: torch.Tensor, ln_b: torch.Tensor, logits: torch.Tensor,
+              beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-pixel relaxed ELBO. y, mu, ln_b: (B, C, H, W); logits: (B, K, h, w)."""
+    batch, pixels = y.shape[0], y[0].numel()  # C * H * W
+    nll = logit_laplace_nll(y, mu, ln_b).sum() / (batch * pixels)
+    kl = kl_to_uniform(logits).sum() / (batch * pixels)
+    loss = nll + beta * kl
+    return loss, {"nll": nll.detach(), "kl": kl.detach()}
+
+
+def mse_psnr(images: torch.Tensor, recon: torch.Tensor) -> tuple[float, float]:
+    """Mean squared error and PSNR (dB, peak 1) of images in [0, 1]."""
+    mse = float(F.mse_loss(recon.float(), images.float()))
+    return mse, 10.0 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def codebook_usage(codes: torch.Tensor, codebook_size: int) -> tuple[float, float]:
+    """(perplexity of the code histogram, fraction of the codebook used) over any code tensor."""
+    counts = torch.bincount(codes.reshape(-1).long(), minlength=codebook_size).double()
+    p = counts / counts.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return float(entropy.exp()), float((counts > 0).sum()) / codebook_size

@@ -1,0 +1,168 @@
+"""Hierarchical data parallelism on DeepSpeed ZeRO-3: shard within a node, average across nodes.
+
+The paper's scheme (App. E) on DeepSpeed 0.19.8, which has no gradient-communication hook:
+
+1. ``deepspeed.zero.Init(data_parallel_group=groups.intra)`` partitions every parameter over the
+   ranks of its node only (``Hierarchy.zero_init_kwargs()``); nodes hold replicas.
+2. ZeRO-3 reduce-scatters each gradient bucket inside the node and divides by the node size,
+   then calls ``DeepSpeedZeroOptimizer_Stage3.partition_grads`` to accumulate the shard into its
+   grad buffer. ``install()`` wraps that method: at the gradient-accumulation boundary the
+   accumulated shard buffers of the bucket are averaged over the ``cross`` group (the ranks with
+   the same local index on the other nodes) by an averager from ``dalle_ds.powersgd``, which also
+   divides by the number of nodes, so the shard holds the global mean, as with flat ZeRO-3.
+3. Gradient norms, clipping and overflow checks in DeepSpeed reduce over the parameter's partition
+   group (the node); every node holds the same averaged shards, so they see the global values.
+
+``install()`` must run before ``deepspeed.initialize`` (the engine imports the optimizer class
+while initialising); the wrapper is inert for optimizers without an attached averager, and
+``Hierarchy.attach(engine)`` attaches it afterwards. CPU-offloaded optimizers are refused
+(their gradients leave the device inside ``partition_grads`` before the cross-node step).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from dalle_ds.config import PowerSGDConfig
+from dalle_ds.dist import NodeGroups, build_node_groups
+from dalle_ds.powersgd import ExactAverager, PowerSGD, Shard, build_averager
+
+_EXACT_NAME = re.compile(r"(emb|logits|unembed|pad|pos_|norm|ln_|gain|bias)", re.IGNORECASE)
+
+
+def default_exact(name: str, param: torch.nn.Parameter) -> bool:
+    """Embeddings, unembeddings, gains and biases: averaged exactly in fp32, never compressed."""
+    shape = getattr(param, "ds_shape", param.shape)
+    from dalle_ds.prior import keep_fp32  # the prior names its parameters so these are identifiable
+
+    return keep_fp32(name, param) or len(shape) < 2 or bool(_EXACT_NAME.search(name))
+
+
+def mark_params(model: torch.nn.Module, exact: Callable[[str, torch.nn.Parameter], bool] = default_exact) -> int:
+    """Tag parameters with their name (error-buffer key) and whether they are averaged exactly."""
+    n_exact = 0
+    for name, p in model.named_parameters():
+        p.cross_node_key = name
+        p.cross_node_exact = bool(exact(name, p))
+        n_exact += p.cross_node_exact
+    return n_exact
+
+
+def _shards(opt: Any, params: list, buffers: list[torch.Tensor]) -> list[Shard]:
+    shards = []
+    for p, buf in zip(params, buffers):
+        shape = tuple(p.ds_shape)
+        part = p.partition_numel()
+        offset = part * opt._get_param_partition_rank(p)
+        valid = min(buf.numel(), p.ds_numel - offset)  # the last shard is padded with zeros
+        key = getattr(p, "cross_node_key", None)
+        if key is None:
+            raise RuntimeError(f"parameter ds_id={p.ds_id} shape={shape} was not tagged: call "
+                               "hierarchical_zero.mark_params(model) before deepspeed.initialize")
+        width = math.prod(shape[1:]) if len(shape) >= 2 else max(1, p.ds_numel)
+        shards.append(Shard(key, buf.view(-1)[:valid], offset, width, getattr(p, "cross_node_exact", False)))
+    return shards
+
+
+def _partition_grads_then_average(self, params_to_release, grad_partitions):
+    averager = getattr(self, "_cross_node_averager", None)
+    if averager is None:
+        return _ORIGINAL["partition_grads"](self, params_to_release, grad_partitions)
+    # Same filter as DeepSpeed's: shards that hold only padding get no buffer.
+    real = [p for p in params_to_release
+            if p.partition_numel() * self._get_param_partition_rank(p) < p.ds_numel]
+    buffers = _ORIGINAL["partition_grads"](self, params_to_release, grad_partitions)
+    if self.is_gradient_accumulation_boundary():
+        assert len(real) == len(buffers), (len(real), len(buffers))
+        averager.average_(_shards(self, real, buffers))
+    return buffers
+
+
+_ORIGINAL: dict[str, Any] = {}
+
+
+def install() -> None:
+    """Wrap ``DeepSpeedZeroOptimizer_Stage3.partition_grads`` (idempotent). Call before deepspeed.initialize."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    if "partition_grads" not in _ORIGINAL:
+        _ORIGINAL["partition_grads"] = Stage3.partition_grads
+        Stage3.partition_grads = _partition_grads_then_average
+
+
+@dataclass
+class Hierarchy:
+    """Node groups plus the cross-node averager; one per training run."""
+
+    groups: NodeGroups
+    averager: ExactAverager | PowerSGD
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``dalle_ds.engine.build_engine`` (its extension points)."""
+        def before(model: torch.nn.Module, ds_config: dict) -> None:
+            if ds_config.get("zero_optimization", {}).get("stage") != 3:
+                raise ValueError("powersgd.enabled / powersgd.hierarchical need zero_optimization.stage=3 "
+                                 "in the DeepSpeed JSON")
+            install()
+            mark_params(model)
+
+        return {"zero_partition_group": self.groups.intra, "before_initialize": [before],
+                "after_initialize": [self.attach]}
+
+    def zero_init_kwargs(self) -> dict[str, Any]:
+        """Arguments for ``deepspeed.zero.Init`` so parameters are partitioned within the node."""
+        return {"data_parallel_group": self.groups.intra}
+
+    def attach(self, engine_or_optimizer: Any) -> None:
+        """After deepspeed.initialize: route the engine's ZeRO-3 optimizer through the averager."""
+        opt = getattr(engine_or_optimizer, "optimizer", engine_or_optimizer)
+        if not hasattr(opt, "_get_param_partition_rank"):
+            raise TypeError(f"hierarchical data parallelism needs ZeRO stage 3, got {type(opt).__name__}")
+        if getattr(opt, "offload_optimizer", False):
+            raise ValueError("hierarchical data parallelism does not support offload_optimizer: "
+                             "remove zero_optimization.offload_optimizer from the DeepSpeed config")
+        if "partition_grads" not in _ORIGINAL:
+            raise RuntimeError("hierarchical_zero.install() must run before deepspeed.initialize")
+        opt._cross_node_averager = self.averager
+        step = opt.step
+
+        def step_then_count(*args, **kwargs):
+            out = step(*args, **kwargs)
+            self.averager.end_step()
+            return out
+
+        opt.step = step_then_count
+
+    def stats(self) -> dict[str, Any]:
+        return {"node_size": self.groups.node_size, **self.averager.stats()}
+
+    # checkpointed per rank (each rank's error buffers belong to its own shards)
+    def state_dict(self) -> dict[str, Any]:
+        return self.averager.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.averager.load_state_dict(state)
+
+
+def is_enabled(cfg: PowerSGDConfig) -> bool:
+    return cfg.enabled or cfg.hierarchical
+
+
+def from_config(cfg: PowerSGDConfig, seed: int = 0) -> Hierarchy | None:
+    """The run's hierarchy, or None for flat ZeRO over all ranks (powersgd.enabled/hierarchical false)."""
+    return setup(cfg, seed=seed) if is_enabled(cfg) else None
+
+
+def setup(cfg: PowerSGDConfig, model: torch.nn.Module | None = None, seed: int = 0) -> Hierarchy:
+    """Build node groups and the averager and install the DeepSpeed override (every rank, before
+    building the model under zero.Init). ``model`` may be tagged here or later with ``mark_params``."""
+    install()
+    groups = build_node_groups(cfg.node_size)
+    if model is not None:
+        mark_params(model)
+    return Hierarchy(groups, build_averager(cfg, groups.cross, groups.num_nodes, seed))

@@ -1,0 +1,1 @@
+"""Offline data jobs: corpus generation, sharding, tokenizer training, image tokenization."""

@@ -1,0 +1,258 @@
+"""Input discovery for shard_corpus: every --input becomes a deterministic stream of samples.
+
+Kinds (picked per input):
+- a ``.tar`` file / URL, or a folder / s3 prefix holding ``.tar`` files (img2dataset output):
+  members grouped by key (path up to the first dot of the basename), image = the first of
+  jpg/jpeg/png/webp/... present, caption = ``.txt`` (else ``caption`` in the ``.json``);
+- a ``.tsv`` / ``.csv`` / ``.jsonl`` table with an image-path column and a caption column
+  (relative paths are relative to the table's folder or prefix);
+- otherwise a folder tree / s3 prefix of files: every file that is not ``.txt`` / ``.json`` and
+  not hidden is a sample, its caption the same-stem ``.txt``; a ``.txt`` without a partner
+  is a ``missing_image`` sample. ``.json`` sidecars are ignored.
+
+Within an input, files are in sorted order; inputs in the order given. The listing's
+(name, size) pairs make the input fingerprint.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import posixpath
+import tarfile
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from dalle_ds import storage
+from data_prep._shard_sample import Item
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "jfif", "ppm", "pgm")
+TABLE_EXTS = (".tsv", ".csv", ".jsonl")
+IMAGE_COLUMNS = ("image", "image_path", "path", "filepath", "file", "filename", "url")
+CAPTION_COLUMNS = ("caption", "text", "title", "prompt")
+
+
+@dataclass
+class Source:
+    kind: str  # "folder", "table" or "tar"
+    url: str  # the --input as given (folder / table / tar)
+    files: list[tuple[str, int]] = field(default_factory=list)  # (url, size), sorted
+
+
+def list_files(url: str) -> list[tuple[str, int]]:
+    """(url, size) of every file below a folder or s3 prefix, sorted by url."""
+    if storage.is_s3(url):
+        prefix = url if url.endswith("/") else url + "/"
+        bucket, key = storage.split_s3(prefix)
+        out = []
+        for page in storage.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+            out += [(f"s3://{bucket}/{o['Key']}", int(o["Size"])) for o in page.get("Contents", [])]
+        return sorted(out)
+    out = []
+    for root, dirs, names in os.walk(url):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for n in names:
+            p = os.path.join(root, n)
+            if not n.startswith(".") and (os.path.isfile(p) or os.path.islink(p)):  # broken links: read_error
+                out.append((p, os.path.getsize(p) if os.path.exists(p) else -1))
+    return sorted(out)
+
+
+def _size(url: str) -> int:
+    if storage.is_s3(url):
+        bucket, key = storage.split_s3(url)
+        return int(storage.s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+    return os.path.getsize(url)
+
+
+def discover(inputs: list[str]) -> list[Source]:
+    sources = []
+    for url in inputs:
+        low = url.lower()
+        if low.endswith(".tar"):
+            sources.append(Source("tar", url, [(url, _size(url))]))
+        elif low.endswith(TABLE_EXTS):
+            sources.append(Source("table", url, [(url, _size(url))]))
+        else:
+            files = list_files(url)
+            if not files:
+                raise FileNotFoundError(f"{url}: no input files (not a .tar, a table, or a non-empty folder/prefix)")
+            tars = [f for f in files if f[0].lower().endswith(".tar")]
+            sources.append(Source("tar", url, tars) if tars else Source("folder", url, files))
+    return sources
+
+
+def fingerprint(sources: list[Source]) -> str:
+    h = hashlib.sha256()
+    for s in sources:
+        h.update(json.dumps([s.kind, s.url, s.files]).encode())
+    return h.hexdigest()
+
+
+def known_count(sources: list[Source]) -> int | None:
+    """Number of samples when known without reading tables or tars."""
+    if any(s.kind != "folder" for s in sources):
+        return None
+    return sum(len(_folder_groups(s)) for s in sources)
+
+
+def iter_items(sources: list[Source], image_column: str | None, caption_column: str | None) -> Iterator[Item]:
+    index = 0
+    for s in sources:
+        if s.kind == "folder":
+            gen = _folder_items(s)
+        elif s.kind == "table":
+            gen = _table_items(s.url, image_column, caption_column)
+        else:
+            gen = (it for url, _ in s.files for it in _tar_items(url))
+        for item in gen:
+            item.index = index
+            index += 1
+            yield item
+
+
+# ---------------------------------------------------------------- folders
+
+
+def _split_ext(url: str) -> tuple[str, str]:
+    stem, ext = posixpath.splitext(url)
+    return stem, ext.lower().lstrip(".")
+
+
+def _folder_groups(s: Source) -> list[tuple[str, str | None]]:
+    """(image url or orphan caption url, caption url or None) in sorted order."""
+    captions = {_split_ext(u)[0]: u for u, _ in s.files if _split_ext(u)[1] == "txt"}
+    used: set[str] = set()
+    groups: list[tuple[str, str | None]] = []
+    for url, _ in s.files:
+        stem, ext = _split_ext(url)
+        if ext in ("txt", "json"):
+            continue
+        groups.append((url, captions.get(stem)))
+        used.add(stem)
+    groups += [(u, None) for stem, u in captions.items() if stem not in used]  # orphan captions
+    return sorted(groups)
+
+
+def _folder_items(s: Source) -> Iterator[Item]:
+    for url, caption in _folder_groups(s):
+        if url.lower().endswith(".txt"):
+            yield Item(0, url, None, None, reason="missing_image", detail="caption file without an image")
+        else:
+            yield Item(0, url, url, caption, caption_is_url=caption is not None)
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _resolve(base: str, path: str) -> str:
+    if storage.is_s3(path) or os.path.isabs(path):
+        return path
+    if storage.is_s3(base):
+        return posixpath.join(posixpath.dirname(base), path)
+    return os.path.join(os.path.dirname(base), path)
+
+
+def _pick(columns: list[str], wanted: str | None, defaults: tuple[str, ...], what: str, url: str) -> str:
+    if wanted:
+        if wanted not in columns:
+            raise ValueError(f"{url}: no {what} column {wanted!r}; columns are {columns}")
+        return wanted
+    for c in defaults:
+        if c in columns:
+            return c
+    raise ValueError(f"{url}: no {what} column (looked for {list(defaults)}; columns are {columns}); "
+                     f"name it with --{what}-column")
+
+
+def _table_items(url: str, image_column: str | None, caption_column: str | None) -> Iterator[Item]:
+    # Read as UTF-8 with surrogate escapes: a bad byte spoils only its own row's caption.
+    text = io.TextIOWrapper(storage.open_read(url), encoding="utf-8", errors="surrogateescape", newline="")
+    with text:
+        if url.lower().endswith(".jsonl"):
+            img_c, cap_c = image_column, caption_column
+            rows = _jsonl_rows(text, url)
+        else:
+            reader = csv.reader(text, delimiter="\t" if url.lower().endswith(".tsv") else ",")
+            header = next(reader, None)
+            if header is None:
+                return
+            img_c = _pick(header, image_column, IMAGE_COLUMNS, "image", url)
+            cap_c = _pick(header, caption_column, CAPTION_COLUMNS, "caption", url)
+            rows = ((reader.line_num, dict(zip(header, r)) if len(r) == len(header) else r) for r in reader if r)
+        for line, row in rows:
+            source = f"{url}:{line}"
+            if not isinstance(row, dict):
+                yield Item(0, source, None, None, reason="bad_row", detail=f"cannot parse row: {str(row)[:200]}")
+                continue
+            path = row.get(img_c or next((c for c in IMAGE_COLUMNS if c in row), ""))
+            caption = row.get(cap_c or next((c for c in CAPTION_COLUMNS if c in row), ""))
+            if not isinstance(path, str) or not path.strip():
+                yield Item(0, source, None, None, reason="missing_image", detail=f"no {img_c!r} value")
+                continue
+            if caption is not None and not isinstance(caption, str):
+                caption = str(caption)
+            image = _resolve(url, path.strip())
+            if image.lower().startswith(("http://", "https://")):
+                yield Item(0, source, None, None, reason="read_error", detail=f"{image}: URLs are not downloaded")
+                continue
+            yield Item(0, image, image, caption)
+
+
+def _jsonl_rows(text, url: str) -> Iterator[tuple[int, object]]:
+    for n, line in enumerate(text, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = line.strip()
+        yield n, row if isinstance(row, dict) else str(row)
+
+
+# ---------------------------------------------------------------- tars
+
+
+def _tar_key(name: str) -> tuple[str, str]:
+    d, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(d, stem), ext.lower()
+
+
+def _tar_items(url: str) -> Iterator[Item]:
+    group_key, members = None, {}
+    try:
+        with storage.open_read(url) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, ext = _tar_key(m.name)
+                if key != group_key and group_key is not None:
+                    yield _tar_item(url, group_key, members)
+                    members = {}
+                group_key = key
+                f = tar.extractfile(m)
+                members[ext] = f.read() if f else b""
+        if group_key is not None:
+            yield _tar_item(url, group_key, members)
+    except Exception as e:  # noqa: BLE001 - a truncated / unreadable tar ends its stream, not the job
+        yield Item(0, url, None, None, reason="read_error", detail=f"tar unreadable after {group_key!r}: "
+                   f"{type(e).__name__}: {e}")
+
+
+def _tar_item(url: str, key: str, members: dict[str, bytes]) -> Item:
+    source = f"{url}#{key}"
+    image_ext = next((e for e in IMAGE_EXTS if e in members), None)
+    if image_ext is None:
+        return Item(0, source, None, None, reason="missing_image", detail=f"members {sorted(members)}")
+    caption: bytes | str | None = members.get("txt")
+    if caption is None and "json" in members:
+        try:
+            value = json.loads(members["json"]).get("caption")
+            caption = value if isinstance(value, str) else None
+        except (ValueError, AttributeError):
+            caption = None
+    return Item(0, source, members[image_ext], caption)

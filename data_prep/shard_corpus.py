@@ -1,0 +1,363 @@
+"""Shard an image-caption corpus into webdataset tars (local folder or s3:// prefix).
+
+    python data_prep/shard_corpus.py --input corpus/ --output data/shards --samples-per-shard 5000 --workers 4
+    python data_prep/shard_corpus.py --input s3://raw/pairs.tsv --output s3://bucket/shards/ --s3-endpoint http://...
+
+Inputs (one or more, in the order given): folder trees of images with same-stem ``.txt``
+captions, TSV/CSV/JSONL tables (image path + caption columns), or webdataset / img2dataset
+tars; each may be local or ``s3://`` (see ``_shard_inputs.py``). Output: ``{prefix}-000000.tar``...
+with ``<key>.jpg`` (RGB, shorter side ``--image-size``), ``<key>.txt`` (whitespace-normalised
+UTF-8), ``<key>.json`` (source, original width/height, mode, pixel hash); ``rejects.jsonl``
+(one line per dropped input with its reason); ``manifest.json``, written last.
+
+Determinism: samples are processed in input order (workers only decode/resize/encode, results
+are consumed in order), the first of several identical images is kept, and a shard is closed
+every ``--samples-per-shard`` kept samples, so the shards are a pure function of the input and
+the config, byte for byte, whatever ``--workers`` is (tar headers carry fixed mtime/uid/mode).
+
+Resume: each finished shard is renamed into place (or uploaded whole to S3), then a progress
+record ``_progress/{prefix}-NNNNNN.json`` stores the next input index, the drops and the pixel
+hashes of its samples. A re-run (after ``kill -9`` at any point) skips the recorded shards,
+rebuilds the duplicate filter from their hashes and goes on from the next input. ``manifest.json``
+is written after everything else; a re-run against a finished output does nothing.
+
+Memory: the duplicate filter holds one 128-bit hash per kept sample (about 100 bytes each).
+Credentials come from boto3's standard chain and are never printed or stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import re
+import signal
+import sys
+import tarfile
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, Iterator
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tqdm import tqdm  # noqa: E402
+
+from dalle_ds import storage  # noqa: E402
+from data_prep._shard_inputs import discover, fingerprint, iter_items, known_count  # noqa: E402
+from data_prep._shard_sample import (  # noqa: E402
+    DROP_REASONS, Item, Outcome, SampleConfig, meta_bytes, process, process_batch,
+)
+
+FORMAT = "dalle-ds/image-shards/1"
+TAR_MTIME = 946684800  # 2000-01-01: fixed so that shard bytes do not depend on when they were made
+PROGRESS = "_progress"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", nargs="+", required=True, help="folders, tables (.tsv/.csv/.jsonl), tars; local or s3://")
+    p.add_argument("--output", required=True, help="output folder or s3://bucket/prefix/")
+    p.add_argument("--samples-per-shard", type=int, default=10000)
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1))
+    p.add_argument("--image-size", type=int, default=384, help="shorter side of the stored images")
+    p.add_argument("--prefix", default="shard")
+    p.add_argument("--min-size", type=int, default=64, help="drop images whose shorter side is smaller")
+    p.add_argument("--max-aspect", type=float, default=2.0, help="drop images with long/short side above this")
+    p.add_argument("--min-caption-words", type=int, default=2)
+    p.add_argument("--max-pixels", type=int, default=1 << 26, help="decompression-bomb cap on width*height")
+    p.add_argument("--max-file-mb", type=float, default=64.0)
+    p.add_argument("--jpeg-quality", type=int, default=95)
+    p.add_argument("--image-column", default=None, help="table column with image paths (default: image, path, ...)")
+    p.add_argument("--caption-column", default=None, help="table column with captions (default: caption, text, ...)")
+    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL)")
+    p.add_argument("--overwrite", action="store_true", help="replace an output made from other inputs or config")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    for name in ("samples_per_shard", "workers", "image_size", "min_size", "min_caption_words", "max_pixels"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    if args.max_aspect < 1:
+        p.error(f"--max-aspect={args.max_aspect}: must be >= 1")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", args.prefix):
+        p.error(f"--prefix={args.prefix!r}: use letters, digits, '-' and '_' only")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint  # workers inherit it; never written anywhere
+    cfg = SampleConfig(image_size=args.image_size, min_size=args.min_size, max_aspect=args.max_aspect,
+                       min_caption_words=args.min_caption_words, max_pixels=args.max_pixels,
+                       max_file_bytes=int(args.max_file_mb * (1 << 20)), jpeg_quality=args.jpeg_quality)
+    config = {"inputs": args.input, "samples_per_shard": args.samples_per_shard, "prefix": args.prefix,
+              "image_column": args.image_column, "caption_column": args.caption_column, **asdict(cfg)}
+
+    sources = discover(args.input)
+    fp = fingerprint(sources)
+    out = args.output.rstrip("/") if not storage.is_s3(args.output) else args.output.rstrip("/") + "/"
+    done = _check_output(out, config, fp, args.overwrite)
+    if done is not None:
+        print(f"{_join(out, 'manifest.json')}: already complete ({done['samples']} samples, "
+              f"{len(done['shards'])} shards); nothing to do")
+        return done
+
+    state = _ResumeState.load(out, args.prefix)
+    total = known_count(sources)
+    if state.records:
+        print(f"resuming after {len(state.records)} finished shard(s) at input {state.next_item}"
+              + (f" of {total}" if total is not None else ""))
+    items = (it for it in iter_items(sources, args.image_column, args.caption_column) if it.index >= state.next_item)
+    tqdm.monitor_interval = 0  # no monitor thread: the worker pool forks
+    bar = tqdm(total=total, initial=state.next_item, unit="img", smoothing=0.05, mininterval=0.5,
+               disable=args.no_progress, desc="shard_corpus")
+    n_items, n_dropped = state.next_item, sum(sum(r["drops"].values()) for r in state.records)
+    writer: _ShardWriter | None = None
+    for outcome in _run(items, cfg, args.workers):
+        n_items = outcome.index + 1
+        bar.update(1)
+        if outcome.reason is None and int(outcome.pixel_hash, 16) in state.seen:
+            outcome.reason, outcome.detail = "duplicate", f"pixel hash {outcome.pixel_hash} already kept"
+        if outcome.reason is not None:
+            state.drop(outcome)
+            n_dropped += 1
+            continue
+        state.seen.add(int(outcome.pixel_hash, 16))
+        if writer is None:
+            writer = _ShardWriter(out, args.prefix, len(state.records))
+        writer.add(outcome)
+        if writer.count == args.samples_per_shard:
+            state.finish(writer, next_item=n_items)
+            writer = None
+        if bar.n % 64 == 0:
+            bar.set_postfix(kept=len(state.seen), dropped=n_dropped, refresh=False)
+    if writer is not None:
+        state.finish(writer, next_item=n_items)
+    bar.close()
+    return _finalise(out, state, config, fp, n_items)
+
+
+# ---------------------------------------------------------------- workers
+
+
+def _batched(items: Iterable[Item], n: int) -> Iterator[list[Item]]:
+    it = iter(items)
+    while batch := list(islice(it, n)):
+        yield batch
+
+
+def _run(items: Iterable[Item], cfg: SampleConfig, workers: int, batch: int = 8) -> Iterator[Outcome]:
+    """Outcomes in input order; with workers > 1 the decoding runs in a process pool with a
+    bounded number of batches in flight (so big tar inputs are not read ahead without limit)."""
+    if workers == 1:
+        for item in items:
+            yield process(item, cfg)
+        return
+    # fork: workers start in milliseconds with everything imported. It is safe here because the
+    # parent has no other threads yet (tqdm's monitor thread is off; the pool forks all workers
+    # on the first submit, before its own manager thread starts).
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
+        pending: collections.deque = collections.deque()
+        for chunk in _batched(items, batch):
+            pending.append(pool.submit(process_batch, chunk, cfg))
+            while len(pending) >= 4 * workers:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Workers of a killed (kill -9) job must not linger: ask Linux to SIGKILL them with it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: workers notice a dead parent on their next task
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+# ---------------------------------------------------------------- shards
+
+
+def _join(base: str, name: str) -> str:
+    return base + name if storage.is_s3(base) else os.path.join(base, name)
+
+
+def shard_name(prefix: str, n: int) -> str:
+    return f"{prefix}-{n:06d}.tar"
+
+
+def _tmp_path(out: str, name: str) -> str:
+    if storage.is_s3(out):
+        tag = hashlib.sha1(out.encode()).hexdigest()[:12]
+        return os.path.join(tempfile.gettempdir(), f"dalle-ds-shard-{tag}-{name}.tmp")
+    return os.path.join(out, f".{name}.tmp")
+
+
+class _ShardWriter:
+    """Streams samples into a local temp tar; ``close`` makes it visible whole (rename / upload)."""
+
+    def __init__(self, out: str, prefix: str, number: int):
+        self.name = shard_name(prefix, number)
+        self.url = _join(out, self.name)
+        self.tmp = _tmp_path(out, self.name)
+        Path(self.tmp).parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.tmp, "wb")
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.count = 0
+        self.hashes: list[str] = []
+
+    def _member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def add(self, o: Outcome) -> None:
+        key = f"{o.index:09d}"
+        self._member(f"{key}.jpg", o.jpg)
+        self._member(f"{key}.txt", o.txt)
+        self._member(f"{key}.json", meta_bytes(o.meta))
+        self.count += 1
+        self.hashes.append(o.pixel_hash)
+
+    def close(self) -> None:
+        self.tar.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        if storage.is_s3(self.url):
+            storage.upload_file(self.tmp, self.url)  # multipart above 8 MB; visible only when complete
+            os.remove(self.tmp)
+        else:
+            os.replace(self.tmp, self.url)
+
+
+class _ResumeState:
+    """Finished shards (from their progress records), the duplicate filter and pending drops."""
+
+    def __init__(self, out: str, prefix: str):
+        self.out, self.prefix = out, prefix
+        self.records: list[dict] = []
+        self.seen: set[int] = set()
+        self.next_item = 0
+        self.drops: collections.Counter = collections.Counter()  # since the last record
+        self.rejects: list[dict] = []  # since the last record
+
+    @classmethod
+    def load(cls, out: str, prefix: str) -> "_ResumeState":
+        state = cls(out, prefix)
+        progress = _join(out, PROGRESS + "/")
+        names = set(storage.listdir(progress)) if _exists_dir(progress) else set()
+        n = 0
+        while f"{shard_name(prefix, n)[:-4]}.json" in names:
+            record = storage.read_json(_join(progress, f"{shard_name(prefix, n)[:-4]}.json"))
+            if not storage.exists(_join(out, record["shard"])):
+                break
+            state.records.append(record)
+            state.seen.update(int(h, 16) for h in record["hashes"])
+            state.next_item = record["next_item"]
+            n += 1
+        _clean_tmp(out, prefix)
+        return state
+
+    def drop(self, o: Outcome) -> None:
+        self.drops[o.reason] += 1
+        self.rejects.append({"index": o.index, "source": o.source, "reason": o.reason, "detail": o.detail})
+
+    def finish(self, writer: _ShardWriter, next_item: int) -> None:
+        writer.close()
+        record = {"shard": writer.name, "samples": writer.count, "next_item": next_item,
+                  "drops": dict(self.drops), "rejects": self.rejects, "hashes": writer.hashes}
+        storage.write_json_atomic(_join(_join(self.out, PROGRESS + "/"), f"{writer.name[:-4]}.json"), record)
+        self.records.append(record)
+        self.next_item = next_item
+        self.drops, self.rejects = collections.Counter(), []
+
+
+def _exists_dir(url: str) -> bool:
+    return True if storage.is_s3(url) else os.path.isdir(url)
+
+
+def _clean_tmp(out: str, prefix: str) -> None:
+    """Temp tars of a killed run (local only; S3 never shows an incomplete upload)."""
+    pattern = _tmp_path(out, f"{prefix}-*.tar").replace(f"{prefix}-*.tar", f"{prefix}-[0-9]*.tar")
+    for path in glob.glob(pattern):
+        os.remove(path)
+
+
+def _check_output(out: str, config: dict, fp: str, overwrite: bool) -> dict | None:
+    """The finished manifest if this exact job is already done; refuse to mix different jobs."""
+    manifest_url, run_url = _join(out, "manifest.json"), _join(out, f"{PROGRESS}/run.json")
+    mine = {"config": config, "input_fingerprint": fp}
+    if storage.exists(manifest_url):
+        old = storage.read_json(manifest_url)
+        if {"config": old.get("config"), "input_fingerprint": old.get("input_fingerprint")} == mine:
+            return old
+        if not overwrite:
+            raise SystemExit(f"{manifest_url}: made from other inputs or config; use --overwrite or another --output")
+        for shard in old.get("shards", []):
+            storage.remove(_join(out, shard["name"]))
+        storage.remove(manifest_url)
+    if storage.exists(run_url):
+        old = storage.read_json(run_url)
+        if old != mine:
+            if not overwrite:
+                raise SystemExit(f"{run_url}: an unfinished job with other inputs or config is in this output; "
+                                 "use --overwrite or another --output")
+            _remove_progress(out)
+    storage.write_json_atomic(run_url, mine)
+    return None
+
+
+def _remove_progress(out: str) -> None:
+    progress = _join(out, PROGRESS + "/")
+    if _exists_dir(progress):
+        for name in storage.listdir(progress):
+            storage.remove(_join(progress, name))
+        if not storage.is_s3(out):
+            os.rmdir(progress)
+
+
+def _finalise(out: str, state: _ResumeState, config: dict, fp: str, n_items: int) -> dict:
+    drops = collections.Counter({r: 0 for r in DROP_REASONS})
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as rej:
+        for record in state.records:
+            drops.update(record["drops"])
+            for line in record["rejects"]:
+                rej.write(json.dumps(line, ensure_ascii=False) + "\n")
+        drops.update(state.drops)
+        for line in state.rejects:
+            rej.write(json.dumps(line, ensure_ascii=False) + "\n")
+    storage.upload_file(rej.name, _join(out, "rejects.jsonl"))
+    os.remove(rej.name)
+    shards = [{"name": r["shard"], "samples": r["samples"]} for r in state.records]
+    kept = sum(s["samples"] for s in shards)
+    if kept + sum(drops.values()) != n_items:
+        raise RuntimeError(f"internal error: kept {kept} + dropped {sum(drops.values())} != inputs {n_items}")
+    manifest = {"format": FORMAT, "created_by": "data_prep/shard_corpus.py", "shards": shards, "samples": kept,
+                "inputs": n_items, "dropped": dict(drops), "rejects": "rejects.jsonl", "config": config,
+                "input_fingerprint": fp}
+    storage.write_json_atomic(_join(out, "manifest.json"), manifest)
+    _remove_progress(out)
+    dropped = {k: v for k, v in drops.items() if v}
+    print(f"{_join(out, 'manifest.json')}: kept {kept} of {n_items} inputs in {len(shards)} shard(s); "
+          f"dropped {sum(dropped.values())} {dropped}")
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""data_prep/shard_corpus.py on real files: every bad-input kind, determinism across worker
+counts, tables and tars as inputs, and resume after a real kill -9."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_prep import shard_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--image-size", "48", "--min-size", "32", "--no-progress"]
+
+
+def _noise(seed: int, w: int, h: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=(h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+    return Image.fromarray(base).resize((w, h), Image.Resampling.BILINEAR)
+
+
+def _jpeg(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def _png(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _bomb_png(side: int = 60000) -> bytes:
+    """A real decompression-bomb shape: a tiny file whose header claims side x side pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * (side + 1) * 4)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def make_corpus(root: Path, n_good: int = 12, seed: int = 0) -> dict:
+    """A folder tree with good samples and one file of every bad kind.
+
+    Returns {"inputs": n, "kept": n, "dropped": {reason: n}} as shard_corpus must report them."""
+    root.mkdir(parents=True, exist_ok=True)
+    sub = root / "part-a"
+    sub.mkdir(exist_ok=True)
+    (root / "part-b").mkdir(exist_ok=True)
+
+    def put(name: str, image: bytes | None, caption: bytes | None):
+        folder = sub if zlib.crc32(name.encode()) % 2 else root / "part-b"
+        if image is not None:
+            (folder / name).write_bytes(image)
+        if caption is not None:
+            (folder / (name.rsplit(".", 1)[0] + ".txt")).write_bytes(caption)
+
+    for i in range(n_good):
+        w, h = [(64, 48), (48, 64), (80, 80), (96, 56)][i % 4]
+        put(f"good{i:03d}.jpg", _jpeg(_noise(seed * 1000 + i, w, h)), f"  a  picture\nnumber {i}  ".encode())
+    expected_kept = n_good
+    # convertible modes (kept)
+    cmyk = _noise(seed * 1000 + 500, 64, 64).convert("CMYK")
+    put("cmyk.jpg", _jpeg(cmyk), b"a cmyk photo")
+    put("palette.png", _png(_noise(seed * 1000 + 501, 64, 64).quantize(16)), b"a palette image")
+    g16 = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16 + seed)
+    put("grey16.png", _png(Image.fromarray(g16)), b"a sixteen bit image")
+    rgba = _noise(seed * 1000 + 502, 64, 64).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize((64, 64)))
+    put("alpha.png", _png(rgba), b"an image with alpha")
+    put("la.png", _png(_noise(seed * 1000 + 503, 64, 64).convert("LA")), b"grey with alpha")
+    put("bilevel.png", _png(_noise(seed * 1000 + 504, 64, 64).convert("1")), b"a one bit image")
+    expected_kept += 6
+    dropped = {}
+
+    def bad(reason: str, name: str, image: bytes | None, caption: bytes | None):
+        put(name, image, caption)
+        dropped[reason] = dropped.get(reason, 0) + 1
+
+    good = _jpeg(_noise(seed * 1000 + 600, 64, 64))
+    bad("undecodable", "truncated.jpg", good[: len(good) // 2], b"a truncated jpeg")
+    bad("undecodable", "truncated.png", _png(_noise(seed * 1000 + 601, 64, 64))[:300], b"a truncated png")
+    bad("empty_file", "empty.jpg", b"", b"an empty file")
+    bad("not_an_image", "notes.jpg", b"this is not an image at all\n", b"a text file")
+    bad("not_an_image", "readme.md", b"# readme\n", b"stray markdown file")
+    bad("decompression_bomb", "bomb.png", _bomb_png(), b"a decompression bomb")
+    bad("caption_not_utf8", "latin1.jpg", _jpeg(_noise(seed * 1000 + 602, 64, 64)), "caf\xe9 au lait".encode("latin-1"))
+    bad("missing_caption", "nocaption.jpg", _jpeg(_noise(seed * 1000 + 603, 64, 64)), None)
+    bad("missing_caption", "blankcaption.jpg", _jpeg(_noise(seed * 1000 + 604, 64, 64)), b" \n\t ")
+    bad("caption_too_short", "short.jpg", _jpeg(_noise(seed * 1000 + 605, 64, 64)), b"cat")
+    bad("too_small", "tiny.jpg", _jpeg(_noise(seed * 1000 + 606, 20, 20)), b"a tiny image")
+    bad("aspect_ratio", "wide.jpg", _jpeg(_noise(seed * 1000 + 607, 150, 60)), b"a very wide image")
+    bad("aspect_ratio", "tall.jpg", _jpeg(_noise(seed * 1000 + 608, 40, 100)), b"a very tall image")
+    bad("missing_image", "orphan.jpg", None, b"a caption without image")
+    (sub / "good000.json").write_text("{}")  # sidecars are ignored
+    os.symlink(root / "does-not-exist.jpg", sub / "dangling.jpg")
+    (sub / "dangling.txt").write_text("a dangling link")
+    dropped["read_error"] = 1
+    # same pixels as good001 under another name and format (comes later in sorted order)
+    dup = Image.open(next(root.rglob("good001.jpg"))).convert("RGB")
+    (root / "zz").mkdir(exist_ok=True)  # sorts after part-*
+    (root / "zz" / "zz-dup.png").write_bytes(_png(dup))
+    (root / "zz" / "zz-dup.txt").write_text("the same picture again")
+    dropped["duplicate"] = 1
+    n_inputs = expected_kept + sum(dropped.values())
+    return {"inputs": n_inputs, "kept": expected_kept, "dropped": dropped}
+
+
+def read_shards(out: Path) -> dict[str, dict[str, bytes]]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in manifest["shards"]:
+        with tarfile.open(out / shard["name"]) as tar:
+            for m in tar:
+                key, _, ext = m.name.partition(".")
+                samples.setdefault(f"{shard['name']}/{key}", {})[ext] = tar.extractfile(m).read()
+    return samples
+
+
+def test_every_bad_kind_is_counted_and_good_ones_kept(tmp_path):
+    want = make_corpus(tmp_path / "corpus")
+    m = shard_corpus.main(["--input", str(tmp_path / "corpus"), "--output", str(tmp_path / "out"),
+                           "--samples-per-shard", "5", "--workers", "1", *SMALL])
+    assert m["inputs"] == want["inputs"]
+    assert m["samples"] == want["kept"]
+    assert {k: v for k, v in m["dropped"].items() if v} == want["dropped"]
+    assert m["samples"] + sum(m["dropped"].values()) == m["inputs"]
+    assert [s["samples"] for s in m["shards"]] == [5, 5, 5, 3]
+    rejects = [json.loads(line) for line in (tmp_path / "out/rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == sum(want["dropped"].values())
+    assert {r["source"].rsplit("/", 1)[-1]: r["reason"] for r in rejects}["bomb.png"] == "decompression_bomb"
+    samples = read_shards(tmp_path / "out")
+    assert len(samples) == want["kept"]
+    for key, files in samples.items():
+        assert set(files) == {"jpg", "txt", "json"}, key
+        im = Image.open(io.BytesIO(files["jpg"]))
+        assert im.mode == "RGB" and min(im.size) == 48, (key, im.mode, im.size)
+        meta = json.loads(files["json"])
+        assert {"source", "width", "height", "pixel_hash"} <= set(meta)
+        assert meta["width"] / meta["height"] == pytest.approx(im.size[0] / im.size[1], rel=0.05)
+        text = files["txt"].decode("utf-8")
+        assert text == " ".join(text.split()) and text
+    by_source = {json.loads(f["json"])["source"].rsplit("/", 1)[-1]: f for f in samples.values()}
+    assert by_source["good003.jpg"]["txt"] == b"a picture number 3"
+    assert "zz-dup.png" not in by_source and "good001.jpg" in by_source
+    # alpha composited on white: the fully transparent top rows come out white
+    alpha = np.asarray(Image.open(io.BytesIO(by_source["alpha.png"]["jpg"])))
+    assert alpha[:2].mean() > 240 and alpha[-2:].mean() < 200
+    # a second run against the finished output does nothing and changes nothing
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert shard_corpus.main(["--input", str(tmp_path / "corpus"), "--output", str(tmp_path / "out"),
+                              "--samples-per-shard", "5", "--workers", "1", *SMALL]) == m
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    # ... but refuses to mix in a different job
+    with pytest.raises(SystemExit, match="manifest.json: made from other inputs or config"):
+        shard_corpus.main(["--input", str(tmp_path / "corpus"), "--output", str(tmp_path / "out"),
+                           "--samples-per-shard", "4", "--workers", "1", *SMALL])
+
+
+def test_byte_identical_shards_for_one_and_two_workers(tmp_path):
+    make_corpus(tmp_path / "corpus", n_good=16)
+    outs = []
+    for k in (1, 2):
+        out = tmp_path / f"out{k}"
+        shard_corpus.main(["--input", str(tmp_path / "corpus"), "--output", str(out),
+                           "--samples-per-shard", "4", "--workers", str(k), *SMALL])
+        outs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert outs[0].keys() == outs[1].keys() and len([n for n in outs[0] if n.endswith(".tar")]) == 6
+    for name in outs[0]:
+        assert outs[0][name] == outs[1][name], name
+    with tarfile.open(tmp_path / "out1/shard-000000.tar") as tar:
+        assert {(m.mtime, m.uid, m.gid, m.uname, m.mode) for m in tar} == {(946684800, 0, 0, "", 0o644)}
+
+
+def test_table_and_tar_inputs(tmp_path):
+    make_corpus(tmp_path / "c")
+    imgs = sorted((tmp_path / "c").rglob("good*.jpg"))[:4]
+    (tmp_path / "t.tsv").write_text(
+        "path\tcaption\n"
+        f"{imgs[0]}\ta first tsv row\n"
+        f"{os.path.relpath(imgs[1], tmp_path)}\ta relative path\n"
+        "missing.jpg\ta file that is not there\n"
+        "too\tmany\tcolumns\n"
+        "https://example.com/a.jpg\ta url\n"
+        f"{imgs[2]}\tx\n")
+    (tmp_path / "t.jsonl").write_bytes(
+        json.dumps({"image": str(imgs[3]), "text": "a jsonl row"}).encode() + b"\n{not json\n"
+        + b'{"image": "%s", "text": "caf\xe9 au lait"}\n' % str(imgs[3]).encode())
+    tar_path = tmp_path / "wds" / "00000.tar"
+    tar_path.parent.mkdir()
+    with tarfile.open(tar_path, "w") as tar:
+        def add(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for i in range(3):
+            add(f"00000000{i}.webp", _png(_noise(900 + i, 64, 64)) if i != 1 else b"garbage")
+            add(f"00000000{i}.txt", f"tar sample number {i}".encode())
+            add(f"00000000{i}.json", json.dumps({"url": "x", "caption": "ignored"}).encode())
+        add("000000009.json", b"{}")  # a member group without an image
+    # a truncated tar: header of the first member survives, the rest is cut
+    good_tar = tar_path.read_bytes()
+    (tmp_path / "wds" / "00001.tar").write_bytes(good_tar[:1500])
+    (tmp_path / "wds" / "_stats.json").write_text("{}")  # img2dataset side files are ignored
+    m = shard_corpus.main(["--input", str(tmp_path / "t.tsv"), str(tmp_path / "t.jsonl"), str(tmp_path / "wds"),
+                           "--output", str(tmp_path / "out"), "--samples-per-shard", "100", "--workers", "2",
+                           *SMALL])
+    dropped = {k: v for k, v in m["dropped"].items() if v}
+    # tsv: 2 kept, read_error x2 (missing file, URL), bad_row, caption_too_short
+    # jsonl: 1 kept, bad_row, caption_not_utf8 (caption checks come before the duplicate check)
+    # tars: 2 kept, not_an_image, missing_image; the truncated tar -> read_error
+    assert m["samples"] == 5
+    assert dropped == {"read_error": 3, "bad_row": 2, "caption_too_short": 1, "caption_not_utf8": 1,
+                       "not_an_image": 1, "missing_image": 1}
+    assert m["inputs"] == m["samples"] + sum(dropped.values()) == 14
+    captions = sorted(f["txt"].decode() for f in read_shards(tmp_path / "out").values())
+    assert captions == ["a first tsv row", "a jsonl row", "a relative path", "tar sample number 0",
+                        "tar sample number 2"]
+
+
+def _run_cli(args: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(REPO / "data_prep/shard_corpus.py"), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_resume_after_kill_9_keeps_every_sample_exactly_once(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    n = 48
+    for i in range(n):  # big enough inputs that the job takes a while; duplicates straddle the kill point
+        src = i - 40 if i >= 44 else i
+        (corpus / f"{i:03d}.jpg").write_bytes(_jpeg(_noise(src, 1024, 768)))
+        (corpus / f"{i:03d}.txt").write_text(f"sample number {i}")
+    args = ["--input", str(corpus), "--samples-per-shard", "4", "--workers", "1", "--image-size", "64",
+            "--no-progress"]
+    reference = shard_corpus.main([*args, "--output", str(tmp_path / "ref")])
+    assert reference["samples"] == 44 and reference["dropped"]["duplicate"] == 4
+
+    out = tmp_path / "out"
+    kills = 0
+    for target in (2, 6):  # kill -9 once after 2 shard records exist, again after 6
+        proc = _run_cli([*args, "--output", str(out), "--workers", "2"])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list((out / "_progress").glob("shard-*.json"))) >= target:
+                workers = _children(proc.pid)
+                os.kill(proc.pid, signal.SIGKILL)  # the main process only, as `kill -9 PID` would
+                kills += 1
+                break
+            time.sleep(0.005)
+        proc.wait()
+        assert not (out / "manifest.json").exists(), "the job finished before it could be killed"
+        assert len(workers) == 2
+        while workers and time.monotonic() < deadline:  # the workers die with it
+            workers = [w for w in workers if Path(f"/proc/{w}").exists() and not _zombie(w)]
+            time.sleep(0.01)
+        assert not workers, f"worker processes {workers} outlived the killed job"
+    assert kills == 2
+    proc = _run_cli([*args, "--output", str(out)])
+    log = proc.communicate()[0].decode()
+    assert proc.returncode == 0, log
+    assert "resuming after" in log
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest == reference
+    assert not (out / "_progress").exists() and not list(out.glob(".*.tmp"))
+    ref_files = {p.name: p.read_bytes() for p in (tmp_path / "ref").iterdir()}
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == ref_files
+    sources = [json.loads(f["json"])["source"] for f in read_shards(out).values()]
+    assert len(sources) == len(set(sources)) == 44
