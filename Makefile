@@ -22,7 +22,14 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
 
 # The whole pipeline on the embedded shapes corpus, on CPU (tiny preset).
 demo: venv
-	$(PY) data_prep/make_shapes_corpus.py --output $(DEMO_DIR)/corpus --count 4000 --seed 0
+	$(PY) data_prep/make_shapes_corpus.py --output $(DEMO_DIR)/corpus --count 4000 --size 64 --seed 0
+	$(PY) data_prep/make_shapes_corpus.py --output $(DEMO_DIR)/heldout_corpus --count 500 --size 64 --seed 1
+	$(PY) data_prep/shard_corpus.py --input $(DEMO_DIR)/corpus --output $(DEMO_DIR)/shards \
+		--samples-per-shard 500 --image-size 64 --workers 2
+	$(PY) data_prep/shard_corpus.py --input $(DEMO_DIR)/heldout_corpus --output $(DEMO_DIR)/heldout_shards \
+		--samples-per-shard 500 --image-size 64 --workers 2
+	$(PY) data_prep/train_text_tokenizer.py --shards $(DEMO_DIR)/shards --vocab-size 512 \
+		--output $(DEMO_DIR)/tokenizer.json
 	@echo "demo outputs are in $(DEMO_DIR)"
 
 test: venv
