@@ -8,13 +8,16 @@ positions, the caption phrases) and checks an image against a caption:
    is at least half that colour's chroma. Blending a colour with a grey background (anti-aliasing,
    blur, a dVAE's soft edges) keeps its hue and scales its chroma, so the 50% chroma contour sits on
    the object's true edge. Same-colour 4-connected components, minus tiny or thin blobs, are the
-   objects; kind from two sub-pixel shape measures (how bottom-heavy: triangle; how far the
-   corners reach: square vs circle, see ``_kind``), size from the box side, position from the box centre.
+   objects; size from the box side, position (3x3 grid cell) from the box centre. Kind: each
+   object's crop is re-read as blend fraction between the background and the object's own colour
+   (``_alpha``), upsampled 4x and cut at 0.5; two sub-pixel measures of that outline decide it
+   (how bottom-heavy: triangle; how far the corners reach: square vs circle, see ``_kind``).
 2. parse: a grammar for the corpus's caption templates (``parse_caption``).
 3. compare: caption objects are paired with detections, then every attribute the caption states
    (count, colour, kind, size, position or relation, background) is checked; ``match`` means all.
 
     score(Image.open("000000123.png"), "a small red circle above a large blue square").match
+    python -m dalle_ds.shapes_score FOLDER   # match and per-attribute rates of images + same-named .txt
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 # ---------------------------------------------------------------- the corpus's vocabulary
 # Saturated colours with well separated hues (0, 31, 57, 128, 224, 280 degrees).
@@ -415,17 +419,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     paths = paths[: args.limit]
     if not paths:
         raise SystemExit(f"no .png/.jpg images under {args.folder}")
-    captions = []
-    for p in paths:
+    captions, scenes = [], []
+    for p in tqdm(paths, desc=f"scoring {args.folder}", unit="img", mininterval=0.5):
         txt = p.with_suffix(".txt")
         if not txt.exists():
             raise SystemExit(f"missing caption file {txt}")
         captions.append(txt.read_text(encoding="utf-8").strip())
-    images = []
-    for p in paths:
         with Image.open(p) as im:
-            images.append(im.convert("RGB"))
-    rates = attribute_rates(images, captions)
+            scenes.append(detect(im))
+    rates = attribute_rates(scenes, captions)
     print(f"{len(paths)} images: " + " ".join(f"{k}={v:.4f}" for k, v in rates.items()))
 
 

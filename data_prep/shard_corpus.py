@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.output.rstrip("/") if not storage.is_s3(args.output) else args.output.rstrip("/") + "/"
     done = _check_output(out, config, fp, args.overwrite)
     if done is not None:
+        _remove_progress(out)  # leftovers of a run killed between the manifest and this clean-up
         print(f"{_join(out, 'manifest.json')}: already complete ({done['samples']} samples, "
               f"{len(done['shards'])} shards); nothing to do")
         return done
@@ -182,7 +183,7 @@ def _die_with_parent(parent: int) -> None:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: workers notice a dead parent on their next task
+    except (OSError, AttributeError):  # not Linux: no such guard there
         pass
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)

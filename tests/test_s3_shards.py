@@ -85,9 +85,10 @@ def test_s3_inputs_unreadable_objects_and_tokenizer_on_s3(s3_server, tmp_path):
     out = s3_server.prefix()
     proc = subprocess.run(
         [sys.executable, str(REPO / "data_prep/shard_corpus.py"), "--input", root + "folder/pairs.tsv",
-         root + "folder/", "--output", out, "--samples-per-shard", "4", "--workers", "2", *SMALL],
-        env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"), capture_output=True, text=True,
-        timeout=300)
+         root + "folder/", "--output", out, "--samples-per-shard", "4", "--workers", "2", *SMALL,
+         "--s3-endpoint", s3_server.endpoint],  # the flag instead of AWS_ENDPOINT_URL
+        env={k: v for k, v in dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1").items()
+             if k != "AWS_ENDPOINT_URL"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert SECRET_KEY not in proc.stdout + proc.stderr and ACCESS_KEY not in proc.stdout + proc.stderr
     m = storage.read_json(out + "manifest.json")

@@ -168,6 +168,11 @@ def test_every_bad_kind_is_counted_and_good_ones_kept(tmp_path):
     with pytest.raises(SystemExit, match="manifest.json: made from other inputs or config"):
         shard_corpus.main(["--input", str(tmp_path / "corpus"), "--output", str(tmp_path / "out"),
                            "--samples-per-shard", "4", "--workers", "1", *SMALL])
+    m4 = shard_corpus.main(["--input", str(tmp_path / "corpus"), "--output", str(tmp_path / "out"),
+                            "--samples-per-shard", "4", "--workers", "1", "--overwrite", *SMALL])
+    assert [s["samples"] for s in m4["shards"]] == [4, 4, 4, 4, 2]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "manifest.json", "rejects.jsonl", *(s["name"] for s in m4["shards"])]
 
 
 def test_byte_identical_shards_for_one_and_two_workers(tmp_path):
@@ -187,7 +192,7 @@ def test_byte_identical_shards_for_one_and_two_workers(tmp_path):
 
 def test_table_and_tar_inputs(tmp_path):
     make_corpus(tmp_path / "c")
-    imgs = sorted((tmp_path / "c").rglob("good*.jpg"))[:4]
+    imgs = sorted((tmp_path / "c").rglob("good*.jpg"))[:5]
     (tmp_path / "t.tsv").write_text(
         "path\tcaption\n"
         f"{imgs[0]}\ta first tsv row\n"
@@ -199,6 +204,8 @@ def test_table_and_tar_inputs(tmp_path):
     (tmp_path / "t.jsonl").write_bytes(
         json.dumps({"image": str(imgs[3]), "text": "a jsonl row"}).encode() + b"\n{not json\n"
         + b'{"image": "%s", "text": "caf\xe9 au lait"}\n' % str(imgs[3]).encode())
+    (tmp_path / "t.csv").write_text(f'file,title\n{imgs[4]},"a quoted, comma caption"\n'
+                                    f'{imgs[3]},the jsonl image again\n')
     tar_path = tmp_path / "wds" / "00000.tar"
     tar_path.parent.mkdir()
     with tarfile.open(tar_path, "w") as tar:
@@ -215,20 +222,22 @@ def test_table_and_tar_inputs(tmp_path):
     good_tar = tar_path.read_bytes()
     (tmp_path / "wds" / "00001.tar").write_bytes(good_tar[:1500])
     (tmp_path / "wds" / "_stats.json").write_text("{}")  # img2dataset side files are ignored
-    m = shard_corpus.main(["--input", str(tmp_path / "t.tsv"), str(tmp_path / "t.jsonl"), str(tmp_path / "wds"),
+    m = shard_corpus.main(["--input", str(tmp_path / "t.tsv"), str(tmp_path / "t.jsonl"), str(tmp_path / "t.csv"),
+                           str(tmp_path / "wds"),
                            "--output", str(tmp_path / "out"), "--samples-per-shard", "100", "--workers", "2",
                            *SMALL])
     dropped = {k: v for k, v in m["dropped"].items() if v}
     # tsv: 2 kept, read_error x2 (missing file, URL), bad_row, caption_too_short
     # jsonl: 1 kept, bad_row, caption_not_utf8 (caption checks come before the duplicate check)
+    # csv: 1 kept; the jsonl's image again -> duplicate
     # tars: 2 kept, not_an_image, missing_image; the truncated tar -> read_error
-    assert m["samples"] == 5
+    assert m["samples"] == 6
     assert dropped == {"read_error": 3, "bad_row": 2, "caption_too_short": 1, "caption_not_utf8": 1,
-                       "not_an_image": 1, "missing_image": 1}
-    assert m["inputs"] == m["samples"] + sum(dropped.values()) == 14
+                       "duplicate": 1, "not_an_image": 1, "missing_image": 1}
+    assert m["inputs"] == m["samples"] + sum(dropped.values()) == 16
     captions = sorted(f["txt"].decode() for f in read_shards(tmp_path / "out").values())
-    assert captions == ["a first tsv row", "a jsonl row", "a relative path", "tar sample number 0",
-                        "tar sample number 2"]
+    assert captions == ["a first tsv row", "a jsonl row", "a quoted, comma caption", "a relative path",
+                        "tar sample number 0", "tar sample number 2"]
 
 
 def _run_cli(args: list[str]) -> subprocess.Popen:

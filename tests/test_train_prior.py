@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from tests.multirank import free_port
 
@@ -72,7 +73,7 @@ def _launch(run_dir: Path, data: Path, max_steps: int, log_name: str, every: int
             f"data.tokenizer={data}/tokenizer.json", "data.bpe_dropout=0.0", "data.num_workers=1",
             "optim.micro_batch_size=4", "optim.warmup_steps=3", f"optim.max_steps={max_steps}",
             f"checkpoint.every_steps={every}", "checkpoint.keep_last=2", "logging.every_steps=5",
-            "logging.progress_bar=false"]
+            "logging.progress_bar=false", f"logging.tensorboard={str(log_name == 'a').lower()}"]
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
@@ -146,8 +147,8 @@ def test_tiny_prior_trains_resumes_exactly_and_stops_on_sigterm(corpus, tmp_path
         assert c[step] == a[step], (step, c[step], a[step])
 
     # export A's last checkpoint: loads strictly into a Prior built from the exported config
-    out = export(run_a / "checkpoints", tmp_path / "export", json.loads((run_a / "ds_config.json").read_text())
-                 and __import__("yaml").safe_load((run_a / "config.yaml").read_text())["model"])
+    model_cfg = yaml.safe_load((run_a / "config.yaml").read_text())["model"]  # the resolved YAML
+    out = export(run_a / "checkpoints", tmp_path / "export", model_cfg)
     tensors, config = load_export(out)
     model = Prior(ModelConfig(**config))
     model.load_state_dict(tensors)

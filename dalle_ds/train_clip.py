@@ -1,0 +1,124 @@
+"""Train the project's own small CLIP on the image shards, for reranking and evaluation offline.
+
+    python -m dalle_ds.train_clip --shards 'runs/demo/shards/shard-{000000..000007}.tar' \\
+        --tokenizer runs/demo/tokenizer.json --out runs/demo/clip --steps 400
+
+A ``transformers.CLIPModel`` with a small ``CLIPConfig`` (ViT over ``--image-size`` images with
+``--patch``-pixel patches; a causal text transformer over the project's BPE tokens), trained with
+the symmetric contrastive loss on in-batch pairs; one process, plain torch (a few-million-parameter
+helper model: no DeepSpeed). Images come through ``ImageShardLoader(mode="eval")`` (centre crop,
+no flip: the captions say left and right). The folder is written with ``save_pretrained`` plus
+the offline processor (``dalle_ds_clip.json`` + ``tokenizer.json``, see dalle_ds/clip_rerank.py)
+and ``train_log.json``; ``ClipScorer.load(folder)`` reads it back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from dalle_ds.clip_rerank import ClipScorer, ProjectClipProcessor
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def small_clip_config(vocab_size: int, context_length: int = 32, image_size: int = 64, width: int = 128,
+                      layers: int = 2, heads: int = 4, patch: int = 8, embed_dim: int = 64):
+    from transformers import CLIPConfig
+
+    if image_size % patch:
+        raise ValueError(f"--image-size {image_size} must be a multiple of --patch {patch}")
+    text = dict(vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                num_attention_heads=heads, max_position_embeddings=context_length, projection_dim=embed_dim,
+                pad_token_id=0, bos_token_id=2, eos_token_id=0)  # pooled at the first [PAD] (clip_rerank)
+    vision = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads,
+                  image_size=image_size, patch_size=patch, projection_dim=embed_dim)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=embed_dim)
+
+
+def build_clip(processor: ProjectClipProcessor, seed: int = 0, **arch):
+    from transformers import CLIPModel
+
+    torch.manual_seed(seed)
+    cfg = small_clip_config(processor.vocab_size, processor.context_length, processor.image_size, **arch)
+    return CLIPModel(cfg)
+
+
+def train(model, processor: ProjectClipProcessor, batches, steps: int, lr: float = 5e-4,
+          progress: bool = True) -> list[float]:
+    """Contrastive training for ``steps`` batches of ``{"images", "captions"}``; returns the losses."""
+    from tqdm import tqdm
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    losses: list[float] = []
+    it = iter(batches)
+    bar = tqdm(range(steps), desc="clip", disable=not progress)
+    for _ in bar:
+        batch = next(it)
+        out = model(pixel_values=processor.images(batch["images"]), return_loss=True,
+                    **processor.text(batch["captions"]))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(out.loss))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shards", required=True, help="image shards (paths, braces, globs, dirs, s3://)")
+    ap.add_argument("--tokenizer", required=True, help="the project's tokenizer.json")
+    ap.add_argument("--out", required=True, help="folder to write (save_pretrained + processor)")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--context-length", type=int, default=32)
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--patch", type=int, default=8)
+    ap.add_argument("--embed-dim", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=1, help="DataLoader workers")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from dalle_ds.data import ImageShardLoader
+
+    args = parse_args(argv)
+    processor = ProjectClipProcessor(args.tokenizer, args.context_length, args.image_size, MEAN, STD)
+    model = build_clip(processor, args.seed, width=args.width, layers=args.layers, heads=args.heads,
+                       patch=args.patch, embed_dim=args.embed_dim)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"clip: {n_params / 1e6:.2f}M parameters, {args.steps} steps x batch {args.batch_size}, "
+          f"images {args.image_size}px, text {args.context_length} tokens (vocab {processor.vocab_size})")
+    loader = ImageShardLoader(args.shards, args.batch_size, mode="eval", size=args.image_size, rank=0, world_size=1,
+                              num_workers=args.workers, seed=args.seed, shuffle=True, infinite=True)
+    t0 = time.time()
+    losses = train(model, processor, loader, args.steps, args.lr)
+    out = Path(args.out)
+    model.save_pretrained(str(out))
+    processor.save(out)
+    log = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "params": n_params,
+           "first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+           "seconds": round(time.time() - t0, 1), "shards": args.shards}
+    (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    print(f"clip: loss {log['first_loss']:.3f} -> {log['final_loss']:.3f} in {log['seconds']} s; saved {out}")
+    ClipScorer.load(out)  # the folder loads back offline
+    return out
+
+
+if __name__ == "__main__":
+    main()
