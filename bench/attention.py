@@ -1,12 +1,12 @@
 """Fast (block-sparse) attention vs the dense masked reference: training speed of the prior.
 
-    python -m bench.attention [--configs tiny B] [--repeat 5]
+    python -m bench.attention [--configs tiny B] [--repeat 5] [--threads N]
 
 For each config, both backends train the same model (same seed, same batch) side by side in one
-run; rounds alternate dense / sparse so machine load hits both alike. A training step is
-forward + backward + AdamW step. Figures: seconds per step (median), training tokens/s, the
-speed-up sparse / dense, and MFU against the recorded matmul peak (bench/matmul_peak.py).
-MFU counts useful FLOPs: matmuls plus attention over the *allowed* (query, key) pairs only, the
+run; rounds alternate between them so machine load hits both alike. Two step kinds:
+``fwd_bwd`` (forward + backward: where the backends differ) and ``step`` (plus a fused AdamW
+update). Figures: seconds per step (median), training tokens/s, the speed-up sparse / dense,
+and MFU against the recorded matmul peak (bench/matmul_peak.py). MFU counts useful FLOPs: matmuls plus attention over the *allowed* (query, key) pairs only, the
 same numerator for both backends; ``dense_hw_mfu`` also counts the masked pairs the dense
 reference computes. Also the attention call alone (forward + backward) per layer type.
 
@@ -46,18 +46,19 @@ def _batch(cfg: ModelConfig, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     return text, codes
 
 
-def _trainer(cfg: ModelConfig, backend: str, batch: int):
+def _trainer(cfg: ModelConfig, backend: str, batch: int, optimizer: bool):
+    """One training step: forward + backward (+ a fused AdamW step when ``optimizer``)."""
     torch.manual_seed(0)
     model = Prior(replace(cfg, attention=backend)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True) if optimizer else None
     text, codes = _batch(cfg, batch)
 
-    def step() -> float:
-        opt.zero_grad(set_to_none=True)
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
         loss, _ = model.loss(text, codes)
         loss.backward()
-        opt.step()
-        return float(loss)
+        if opt is not None:
+            opt.step()
 
     return step
 
@@ -75,12 +76,12 @@ def _attention_call(cfg: ModelConfig, backend: str, kind: str, batch: int):
     return call
 
 
-def _side_by_side(fns: dict[str, callable], repeat: int, warmup: int = 1) -> dict[str, float]:
+def _side_by_side(fns: dict, repeat: int, warmup: int = 1) -> dict:
     """Median seconds per call of each fn, measured in alternating rounds."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times: dict = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
             t0 = time.perf_counter()
@@ -89,34 +90,49 @@ def _side_by_side(fns: dict[str, callable], repeat: int, warmup: int = 1) -> dic
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def _load() -> str:
+    try:
+        return open("/proc/loadavg").read().split(" ", 3)[:3].__str__()
+    except OSError:
+        return "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--configs", nargs="+", default=["tiny", "B"])
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     peak = figure(latest("matmul_peak"), "fp32_gflops")
     if peak is None:
         print("no bench/results/matmul_peak-cpu-*.json: run python -m bench.matmul_peak first; MFU left out")
     all_configs = configs()
-    with Recorder("attention") as rec:
-        rec.add("threads", torch.get_num_threads(), "", peak_fp32_gflops=peak)
+    with Recorder("attention" if not args.threads else f"attention-threads{args.threads}") as rec:
+        rec.add("threads", torch.get_num_threads(), "", peak_fp32_gflops=peak, load_avg=_load())
         for name in args.configs:
             cfg, batch = all_configs[name]
             tokens = batch * cfg.seq_len
             info = dict(config=name, batch=batch, seq_len=cfg.seq_len, d_model=cfg.d_model, n_layers=cfg.n_layers,
                         params=Prior.num_params(cfg))
-            secs = _side_by_side({b: _trainer(cfg, b, batch) for b in ("dense", "sparse")}, args.repeat)
+            fns = {(b, mode): _trainer(cfg, b, batch, optimizer=(mode == "step"))
+                   for mode in ("fwd_bwd", "step") for b in ("dense", "sparse")}
+            secs = _side_by_side(fns, args.repeat)
             useful = Prior.flops_per_sequence(cfg) * batch
             dense_hw = Prior.flops_per_sequence(cfg, dense_attention=True) * batch
-            for b, s in secs.items():
-                rec.add(f"{name}_{b}_step_s", s, "s", **info)
-                rec.add(f"{name}_{b}_tokens_per_s", tokens / s, "tokens/s", **info)
+            for (b, mode), s in secs.items():
+                rec.add(f"{name}_{b}_{mode}_s", s, "s", **info)
+                rec.add(f"{name}_{b}_{mode}_tokens_per_s", tokens / s, "tokens/s", **info)
                 if peak:
-                    rec.add(f"{name}_{b}_mfu", useful / s / 1e9 / peak, "", useful_gflop_per_step=useful / 1e9, **info)
-            if peak:
-                rec.add(f"{name}_dense_hw_mfu", dense_hw / secs["dense"] / 1e9 / peak, "",
-                        dense_gflop_per_step=dense_hw / 1e9, **info)
-            rec.add(f"{name}_sparse_speedup", secs["dense"] / secs["sparse"], "x", target=1.3, **info)
+                    rec.add(f"{name}_{b}_{mode}_mfu", useful / s / 1e9 / peak, "",
+                            useful_gflop_per_step=round(useful / 1e9, 2), **info)
+            for mode in ("fwd_bwd", "step"):
+                if peak:
+                    rec.add(f"{name}_dense_{mode}_hw_mfu", dense_hw / secs["dense", mode] / 1e9 / peak, "",
+                            dense_gflop_per_step=round(dense_hw / 1e9, 2), **info)
+                rec.add(f"{name}_sparse_speedup_{mode}", secs["dense", mode] / secs["sparse", mode], "x",
+                        target=1.3, **info)
             for kind in KINDS:
                 att = _side_by_side({b: _attention_call(cfg, b, kind, batch) for b in ("dense", "sparse")},
                                     args.repeat)

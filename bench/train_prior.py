@@ -92,7 +92,7 @@ def worker_plain(name: str, warmup: int, steps: int, per_rank: bool = False) -> 
     return {**_time_steps(step, warmup, steps), "threads": torch.get_num_threads()}
 
 
-def worker_zero3(name: str, warmup: int, steps: int) -> dict:
+def worker_zero3(name: str, warmup: int, steps: int, ds_config: str | None = None) -> dict:
     import warnings
 
     import torch
@@ -107,7 +107,8 @@ def worker_zero3(name: str, warmup: int, steps: int) -> dict:
     torch.manual_seed(0)
     per_rank = batch // info.world_size
     spec = OptimSpec(per_rank, 1, 1e-4, (0.9, 0.96), 1e-8, 0.045)
-    engine = build_engine(lambda: Prior(cfg), ROOT / "ds_configs/zero3_fp32_cpu.json", spec, no_decay=no_decay)
+    engine = build_engine(lambda: Prior(cfg), ds_config or ROOT / "ds_configs/zero3_fp32_cpu.json", spec,
+                          no_decay=no_decay)
     text, codes = _batch(cfg, batch)
     mine = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
 
@@ -123,7 +124,8 @@ def worker_zero3(name: str, warmup: int, steps: int) -> dict:
 
 def _run(kind: str, name: str, warmup: int, steps: int, threads: int) -> dict:
     out = Path(tempfile.mkdtemp(prefix="bench_train_prior_")) / "result.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
+    # Passive OpenMP waits: a spinning thread would bill CPU time while its peer is descheduled.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_WAIT_POLICY": "PASSIVE"}
     cmd = [sys.executable, "-m", "bench.train_prior", "--worker", kind, "--configs", name,
            "--warmup", str(warmup), "--steps", str(steps), "--out", str(out)]
     if kind in ("zero3", "rankshare"):
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.worker:  # inside a measuring process
         if args.worker == "zero3":
-            result = worker_zero3(args.configs[0], args.warmup, args.steps)
+            result = worker_zero3(args.configs[0], args.warmup, args.steps, os.environ.get("BENCH_DS_CONFIG"))
         else:
             result = worker_plain(args.configs[0], args.warmup, args.steps, per_rank=args.worker == "rankshare")
         if int(os.environ.get("RANK", "0")) == 0:

@@ -5,15 +5,15 @@ One backend object per layer type (row / column / conv), built once from that ty
 outputs and gradients (tests/test_attention.py):
 
 - ``dense``  reference: ``scaled_dot_product_attention`` with the dense (S, S) bool mask.
-- ``sparse`` fast path: text queries attend causally to the text; image queries are regrouped
-  into blocks of G queries (one image row in raster order; one image column in transposed order
-  for column attention) and each block meets only its window: the whole text plus the image
-  keys from ``before`` slots ahead of the block to its end. Masked work shrinks from S keys per
-  query to T + before + G (row: T + 2G, column: T + G, conv 11x11: T + 6G + 5). The windows are
-  gathered with one ``index_select`` (which also applies the transposition), then one SDPA call
-  with a small block mask does the rest. The construction checks that every allowed (query,
-  key) pair of the dense mask lies in some window, so the result is exact for any mask that is
-  causal in the chosen order.
+- ``sparse`` fast path, one autograd Function with a hand-written backward: text queries attend
+  to the text (small GEMMs); image queries are regrouped into blocks of G (one image row in
+  raster order; one image column in transposed order for column attention) and each block meets
+  only the whole text plus a window of whole key blocks: its own and ``back`` blocks before it.
+  One softmax spans [text | window]; the text part runs as one large GEMM per head, the window
+  part as a batch of small (G x D) @ (D x W) GEMMs. Keys per image query drop from S to T + W
+  (row: T + 2G, column: T + G, conv 11x11: T + 7G). The construction checks that every allowed
+  (query, key) pair of the dense mask lies in a window, so the result is exact for any mask in
+  which the image sees all the text and that is causal in the chosen order.
 - ``flex``   ``torch.nn.attention.flex_attention`` with a block mask built from the same mask
   (compiled on CUDA; on CPU it runs eager, forward only).
 
@@ -71,55 +71,82 @@ class DenseAttention:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self._dev.on(q.device)["mask"])
 
 
-class _WindowAttention(torch.autograd.Function):
-    """Image query blocks against [all text keys | their window of image keys], one softmax.
+def _softmax(s: Tensor) -> Tensor:
+    return torch.softmax(s, -1, dtype=torch.float32 if s.element_size() < 4 else None).to(s.dtype)
 
-    The text part runs as one large GEMM per head (every image query sees the whole text); only
-    the image window part is a batch of small GEMMs. Probabilities are kept for the backward.
+
+class _BlockSparseFunction(torch.autograd.Function):
+    """The fast path's forward and hand-written backward (no autograd glue, no masked blocks).
+
+    Text queries: causal attention over the text (small GEMMs). Image queries, in blocks of G:
+    one softmax over [all T text keys | the W window keys]; the text part runs as one large GEMM
+    per head, the window part as a batch of (G x D) @ (D x W) GEMMs. Probabilities are kept.
     """
 
     @staticmethod
-    def forward(ctx, q, kt, vt, kw, vw, bias, scale):
-        # q (BH, nb, G, D); kt, vt (BH, T, D); kw, vw (BH, nb, W, D); bias (BH*nb, G, W) 0 / -inf
-        bh, nb, g, d = q.shape
-        t, w, n = kt.shape[1], kw.shape[2], nb * g
-        kt, vt, kw, vw = kt.contiguous(), vt.contiguous(), kw.contiguous(), vw.contiguous()
+    def forward(ctx, q, k, v, plan: "BlockSparseAttention", text_bias: Tensor, win_bias: Tensor):
+        b, h, s, e = q.shape
+        bh, t, g, nb, w = b * h, plan.text_len, plan.grid, plan.grid, plan.window
+        n, scale = s - t, e ** -0.5
         with torch.autocast(q.device.type, enabled=False):
-            qs = (q * scale).contiguous()
-            st = torch.bmm(qs.view(bh, n, d), kt.transpose(1, 2))  # (BH, N, T)
-            sw = torch.baddbmm(bias, qs.view(bh * nb, g, d), kw.reshape(bh * nb, w, d).transpose(1, 2))  # (BH*nb, G, W)
-            s = torch.cat([st.view(bh, nb, g, t), sw.view(bh, nb, g, w)], -1)  # (BH, nb, G, T+W)
-            p = torch.softmax(s, -1, dtype=torch.float32 if q.element_size() < 4 else None).to(q.dtype)
-            pt = p.view(bh, n, t + w)[..., :t]  # (BH, N, T), strided view
-            pw = p.view(bh * nb, g, t + w)[..., t:]  # (BH*nb, G, W), strided view
-            o = torch.baddbmm(torch.bmm(pw, vw.reshape(bh * nb, w, d)).view(bh, n, d), pt, vt)  # (BH, N, D)
-        ctx.save_for_backward(qs, kt, vt, kw, vw, p, o)
-        ctx.scale = scale
-        return o.view(bh, nb, g, d)
+            qt = (q[:, :, :t] * scale).reshape(bh, t, e)  # (BH, T, D) scaled
+            kt = k[:, :, :t].reshape(bh, t, e)
+            vt = v[:, :, :t].reshape(bh, t, e)
+            # text queries: causal over the text
+            ptt = _softmax(torch.baddbmm(text_bias, qt, kt.transpose(1, 2)))  # (BH, T, T)
+            ott = torch.bmm(ptt, vt)  # (BH, T, D)
+            # image queries: blocks against [text | window]
+            qb = plan.blocks(q[:, :, t:], scale)  # (BH, nb, G, D) scaled
+            kw = plan.windows(k[:, :, t:])  # (BH, nb, W, D)
+            vw = plan.windows(v[:, :, t:])
+            st = torch.bmm(qb.view(bh, n, e), kt.transpose(1, 2))  # (BH, N, T)
+            sw = torch.baddbmm(win_bias, qb.view(bh * nb, g, e), kw.view(bh * nb, w, e).transpose(1, 2))  # (BH*nb, G, W)
+            p = _softmax(torch.cat([st.view(bh, nb, g, t), sw.view(bh, nb, g, w)], -1))  # (BH, nb, G, T+W)
+            pt = p.view(bh, n, t + w)[..., :t]  # (BH, N, T) strided view
+            pw = p.view(bh * nb, g, t + w)[..., t:]  # (BH*nb, G, W) strided view
+            oi = torch.baddbmm(torch.bmm(pw, vw.view(bh * nb, w, e)).view(bh, n, e), pt, vt)  # (BH, N, D)
+            out = torch.empty(b, h, s, e, dtype=q.dtype, device=q.device)
+            out[:, :, :t] = ott.view(b, h, t, e)
+            plan.unblock(oi.view(bh, nb, g, e), out[:, :, t:])
+        ctx.save_for_backward(qt, kt, vt, ptt, ott, qb, kw, vw, p, oi)
+        ctx.plan, ctx.shape = plan, (b, h, s, e)
+        return out
 
     @staticmethod
-    def backward(ctx, do):
-        qs, kt, vt, kw, vw, p, o = ctx.saved_tensors
-        bh, nb, g, d = qs.shape
-        t, w, n = kt.shape[1], kw.shape[2], nb * g
-        do = do.reshape(bh, n, d).to(o.dtype).contiguous()
-        dob = do.view(bh * nb, g, d)
-        kw, vw = kw.reshape(bh * nb, w, d), vw.reshape(bh * nb, w, d)
+    def backward(ctx, dout):
+        qt, kt, vt, ptt, ott, qb, kw, vw, p, oi = ctx.saved_tensors
+        plan = ctx.plan
+        b, h, s, e = ctx.shape
+        bh, t, g, nb, w = b * h, plan.text_len, plan.grid, plan.grid, plan.window
+        n, scale = s - t, e ** -0.5
+        dout = dout.to(qt.dtype)
+        dq = torch.empty(b, h, s, e, dtype=qt.dtype, device=qt.device)
+        dk, dv = torch.empty_like(dq), torch.empty_like(dq)
+        # text queries
+        dot = dout[:, :, :t].reshape(bh, t, e)
+        dstt = torch.bmm(dot, vt.transpose(1, 2)).sub_((dot * ott).sum(-1, keepdim=True)).mul_(ptt)  # (BH, T, T)
+        dq[:, :, :t] = torch.bmm(dstt, kt).mul_(scale).view(b, h, t, e)
+        dkt = torch.bmm(dstt.transpose(1, 2), qt)  # (BH, T, D)
+        dvt = torch.bmm(ptt.transpose(1, 2), dot)
+        # image queries
+        doi = plan.blocks(dout[:, :, t:]).view(bh, n, e)  # (BH, N, D) in processing order
+        dob = doi.view(bh * nb, g, e)
+        kw2, vw2 = kw.view(bh * nb, w, e), vw.view(bh * nb, w, e)
         pt = p.view(bh, n, t + w)[..., :t]
         pw = p.view(bh * nb, g, t + w)[..., t:]
-        dpt = torch.bmm(do, vt.transpose(1, 2))  # (BH, N, T)
-        dpw = torch.bmm(dob, vw.transpose(1, 2))  # (BH*nb, G, W)
+        dpt = torch.bmm(doi, vt.transpose(1, 2))  # (BH, N, T)
+        dpw = torch.bmm(dob, vw2.transpose(1, 2))  # (BH*nb, G, W)
         dp = torch.cat([dpt.view(bh, nb, g, t), dpw.view(bh, nb, g, w)], -1)  # (BH, nb, G, T+W)
-        delta = (do * o).sum(-1).view(bh, nb, g, 1)
-        ds = dp.sub_(delta).mul_(p)  # softmax backward, in place
+        ds = dp.sub_((doi * oi).sum(-1).view(bh, nb, g, 1)).mul_(p)  # softmax backward, in place
         dst = ds.view(bh, n, t + w)[..., :t]
         dsw = ds.view(bh * nb, g, t + w)[..., t:]
-        dvt = torch.bmm(pt.transpose(1, 2), do)  # (BH, T, D)
-        dvw = torch.bmm(pw.transpose(1, 2), dob).view(bh, nb, w, d)
-        dq = torch.baddbmm(torch.bmm(dsw, kw).view(bh, n, d), dst, kt).mul_(ctx.scale).view(bh, nb, g, d)
-        dkt = torch.bmm(dst.transpose(1, 2), qs.view(bh, n, d))  # (BH, T, D)
-        dkw = torch.bmm(dsw.transpose(1, 2), qs.view(bh * nb, g, d)).view(bh, nb, w, d)
-        return dq, dkt, dvt, dkw, dvw, None, None
+        dk[:, :, :t] = dkt.baddbmm_(dst.transpose(1, 2), qb.view(bh, n, e)).view(b, h, t, e)
+        dv[:, :, :t] = dvt.baddbmm_(pt.transpose(1, 2), doi).view(b, h, t, e)
+        dqi = torch.baddbmm(torch.bmm(dsw, kw2).view(bh, n, e), dst, kt).mul_(scale)  # (BH, N, D)
+        plan.unblock(dqi.view(bh, nb, g, e), dq[:, :, t:])
+        plan.unwindow(torch.bmm(dsw.transpose(1, 2), qb.view(bh * nb, g, e)).view(bh, nb, w, e), dk[:, :, t:])
+        plan.unwindow(torch.bmm(pw.transpose(1, 2), dob).view(bh, nb, w, e), dv[:, :, t:])
+        return dq, dk, dv, None, None, None
 
 
 class BlockSparseAttention:
@@ -134,7 +161,6 @@ class BlockSparseAttention:
             raise ValueError("sparse attention: text must not see the image, and the image must see all the text")
         self.mask, self.text_len, self.grid, self.transposed = mask, t, g, transposed
         text_mask = mask[:t, :t]
-        self.text_causal = bool(torch.equal(text_mask, torch.ones(t, t, dtype=torch.bool).tril()))
 
         # order[i] = raster slot of the i-th image query in processing order (blocks of G).
         slots = torch.arange(n)
@@ -165,50 +191,65 @@ class BlockSparseAttention:
         self._dev = _PerDevice(mask=mask, text_mask=text_mask, bias=bias)
         self._bias_cache: dict[tuple, Tensor] = {}
 
-    def _bias(self, d: dict[str, Tensor], bh: int, dtype: torch.dtype) -> Tensor:
-        key = (d["bias"].device, dtype, bh)
+    def _grid_view(self, x: Tensor) -> Tensor:
+        """(B, H, N, D) raster image positions -> (B, H, nb, G, D) view in processing order."""
+        b, h, n, e = x.shape
+        x = x.unflatten(2, (self.grid, self.grid))
+        return x.transpose(2, 3) if self.transposed else x
+
+    def blocks(self, x: Tensor, scale: float = 1.0) -> Tensor:
+        """(B, H, N, D) raster image positions -> contiguous (B*H, nb, G, D) in processing order."""
+        b, h, n, e = x.shape
+        out = torch.empty(b, h, self.grid, self.grid, e, dtype=x.dtype, device=x.device)
+        if scale == 1.0:
+            out.copy_(self._grid_view(x))
+        else:
+            torch.mul(self._grid_view(x), scale, out=out)
+        return out.view(b * h, self.grid, self.grid, e)
+
+    def unblock(self, xb: Tensor, out: Tensor) -> None:
+        """Write (B*H, nb, G, D) blocks into ``out`` (B, H, N, D) in raster order."""
+        b, h, n, e = out.shape
+        self._grid_view(out).copy_(xb.view(b, h, self.grid, self.grid, e))
+
+    def windows(self, x: Tensor) -> Tensor:
+        """(B, H, N, D) raster image positions -> (B*H, nb, W, D): blocks b - back .. b, zeros before."""
+        if self.back == 0:
+            return self.blocks(x)
+        b, h, n, e = x.shape
+        g, nb = self.grid, self.grid
+        src = self._grid_view(x)  # (B, H, nb, G, D)
+        out = x.new_empty(b, h, nb, self.window, e)
+        for j in range(self.back + 1):  # j blocks back
+            lo = (self.back - j) * g
+            out[:, :, j:, lo:lo + g] = src[:, :, :nb - j]
+            out[:, :, :j, lo:lo + g] = 0
+        return out.view(b * h, nb, self.window, e)
+
+    def unwindow(self, dw: Tensor, out: Tensor) -> None:
+        """Adjoint of ``windows``: sum (B*H, nb, W, D) window gradients onto their slots in ``out`` (B, H, N, D)."""
+        g = self.grid
+        nb = dw.shape[1]
+        acc = dw[:, :, self.back * g:].clone()  # own block
+        for j in range(1, self.back + 1):
+            lo = (self.back - j) * g
+            acc[:, :nb - j] += dw[:, j:, lo:lo + g]
+        self.unblock(acc, out)
+
+    def _tables(self, device: torch.device, dtype: torch.dtype, bh: int) -> tuple[Tensor, Tensor]:
+        key = (device, dtype, bh)
         if key not in self._bias_cache:
             self._bias_cache.clear()  # keep one (the current batch size)
-            b = d["bias"].to(dtype)
-            self._bias_cache[key] = b.expand(bh, *b.shape).reshape(-1, *b.shape[1:]).contiguous()
-        return self._bias_cache[key]  # (BH*nb, G, W)
-
-    def _blocks(self, x: Tensor) -> Tensor:
-        """(B, H, N, D) raster image positions -> (B*H, nb, G, D) in processing order."""
-        b, h, n, e = x.shape
-        g = self.grid
-        if self.transposed:
-            x = x.reshape(b, h, g, g, e).transpose(2, 3)  # (B, H, col, row, D)
-        return x.reshape(b * h, n // g, g, e)
-
-    def _windows(self, x: Tensor) -> Tensor:
-        """(BH, nb, G, D) blocks -> (BH, nb, W, D): blocks b - back .. b (zeros before the first)."""
-        nb = x.shape[1]
-        if self.back == 0:
-            return x
-        shifted = [F.pad(x, (0, 0, 0, 0, j, 0))[:, :nb] for j in range(self.back, 0, -1)]
-        return torch.cat([*shifted, x], 2)
+            d = self._dev.on(device)
+            text = torch.zeros(d["text_mask"].shape, dtype=dtype, device=device).masked_fill_(~d["text_mask"], float("-inf"))
+            win = d["bias"].to(dtype)
+            self._bias_cache[key] = (text, win.expand(bh, *win.shape).reshape(-1, *win.shape[1:]).contiguous())
+        return self._bias_cache[key]  # (T, T), (BH*nb, G, W)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         _check(q, k, v, self.mask.shape[0])
-        d = self._dev.on(q.device)
-        b, h, s, e = q.shape
-        t, g = self.text_len, self.grid
-        qt, kt, vt = q[:, :, :t], k[:, :, :t], v[:, :, :t]
-        if self.text_causal:
-            text_out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)  # (B, H, T, D)
-        else:
-            text_out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=d["text_mask"])
-        dtype = q.dtype
-        qi = self._blocks(q[:, :, t:])  # (BH, nb, G, D)
-        kw = self._windows(self._blocks(k[:, :, t:]))  # (BH, nb, W, D)
-        vw = self._windows(self._blocks(v[:, :, t:]))
-        img_out = _WindowAttention.apply(qi, kt.reshape(b * h, t, e).to(dtype), vt.reshape(b * h, t, e).to(dtype),
-                                         kw.to(dtype), vw.to(dtype), self._bias(d, b * h, dtype), e ** -0.5)
-        if self.transposed:
-            img_out = img_out.view(b, h, g, g, e).transpose(2, 3)  # back to (B, H, row, col, D)
-        img_out = img_out.reshape(b, h, s - t, e)
-        return torch.cat([text_out.to(img_out.dtype), img_out], 2)  # (B, H, S, D)
+        text_bias, win_bias = self._tables(q.device, q.dtype, q.shape[0] * q.shape[1])
+        return _BlockSparseFunction.apply(q, k.to(q.dtype), v.to(q.dtype), self, text_bias, win_bias)
 
 
 _compiled_flex = None
@@ -248,6 +289,11 @@ class FlexAttention:
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         _check(q, k, v, self.mask.shape[0])
+        if q.device.type == "cpu":
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+                raise NotImplementedError("model.attention='flex': FlexAttention has no backward on CPU; "
+                                          "train with model.attention=sparse (or dense) there")
+            q, k, v = q.detach(), k.detach(), v.detach()  # torch refuses inputs that require grad
         return _flex_fn(q.device)(q, k, v, block_mask=self.block_mask(q.device))
 
 

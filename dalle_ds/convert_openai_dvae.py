@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         if "://" in p:
             raise SystemExit(f"{p}: only local paths are accepted (download the file first)")
     vae = convert(_load_pickle(args.encoder, "Encoder"), _load_pickle(args.decoder, "Decoder"))
-    meta = save_dvae(vae, args.output, extra={"source": {"encoder": args.encoder, "decoder": args.decoder,
-                                                         "format": "openai dall_e 0.1"}})
+    source = {"encoder": args.encoder, "decoder": args.decoder, "format": "openai dall_e 0.1"}
+    meta = save_dvae(vae, args.output, extra={"image_size": 256, "source": source})
     n = sum(p.numel() for p in vae.parameters())
     print(f"wrote {args.output} ({n / 1e6:.1f}M parameters, sha256 {meta['weights_sha256'][:12]})", file=sys.stderr)
 

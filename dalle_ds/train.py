@@ -20,7 +20,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 if __package__ in (None, ""):  # `deepspeed dalle_ds/train.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -251,6 +251,8 @@ def train(cfg: Config, ds_config_path: str, sample_hooks: list[SampleHook] | Non
             ckpt.save(step)
         if ckpt.stop_requested:
             log.close()
+            if progress:
+                progress.close()
             return EXIT_CHECKPOINTED
     if ckpt.last_saved_step != step:
         ckpt.save(step)

@@ -68,7 +68,7 @@ def train(model, processor: ProjectClipProcessor, batches, steps: int, lr: float
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses
@@ -90,7 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--patch", type=int, default=8)
     ap.add_argument("--embed-dim", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workers", type=int, default=1, help="DataLoader workers")
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a shared 2-core machine more threads oversubscribe and run ~20x slower)")
     return ap.parse_args(argv)
 
 
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> Path:
     from dalle_ds.data import ImageShardLoader
 
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     processor = ProjectClipProcessor(args.tokenizer, args.context_length, args.image_size, MEAN, STD)
     model = build_clip(processor, args.seed, width=args.width, layers=args.layers, heads=args.heads,
                        patch=args.patch, embed_dim=args.embed_dim)

@@ -112,7 +112,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rank, world, local_rank, local_world = launcher_rank()
     tag = f"[part {part}/{num_parts} rank {rank}/{world}]"
     # -- inputs, dVAE and output, all checked before any work
-    urls = storage.expand_urls(args.input)
+    try:
+        urls = storage.expand_urls(args.input)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--input: {e}") from None
     names = check_inputs(urls, args.output)
     try:
         vae, meta = load_exported(args.dvae)
@@ -412,14 +415,19 @@ def decoded_shards(urls: list[str], augment: Augment, batch_size: int, workers: 
 
 
 class BatchEncoder:
-    """uint8 images (B, 3, S, S) -> codes (B, grid*grid) uint16 numpy, argmax of the encoder logits."""
+    """uint8 images (B, 3, S, S) -> codes (B, grid*grid) uint16 numpy, argmax of the encoder logits.
+
+    Channels-last activations: about 2x faster convolutions on CPU (oneDNN), and what cuDNN's
+    tensor-core kernels want; the codes are the same up to float rounding of near-tied logits.
+    """
 
     def __init__(self, vae: torch.nn.Module, device: torch.device, precision: str = "fp32"):
-        self.vae, self.device = vae.eval(), device
+        self.vae, self.device = vae.eval().to(memory_format=torch.channels_last), device
         self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         x = images.to(self.device, non_blocking=True).float().div_(255.0)  # (B, 3, S, S) in [0, 1]
+        x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(self.device.type, self.dtype or torch.float32,
                                                    enabled=self.dtype is not None):
             codes = self.vae.logits(x).argmax(dim=1)  # (B, grid, grid)

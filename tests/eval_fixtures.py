@@ -32,7 +32,7 @@ def write_image_shards(folder: Path, count: int, size: int = 32, seed: int = 0, 
     return captions
 
 
-def train_tokenizer(shards: Path, out: Path, vocab_size: int = 256) -> Path:
+def train_tokenizer(shards: Path, out: Path, vocab_size: int = 320) -> Path:
     from data_prep import train_text_tokenizer
 
     train_text_tokenizer.main(["--shards", str(shards), "--vocab-size", str(vocab_size), "--output", str(out),
@@ -41,7 +41,7 @@ def train_tokenizer(shards: Path, out: Path, vocab_size: int = 256) -> Path:
 
 
 def tiny_model_config(**kw) -> ModelConfig:
-    base = dict(n_layers=4, n_heads=2, d_model=32, mlp_ratio=2, text_len=8, text_vocab_size=256, image_grid=4,
+    base = dict(n_layers=4, n_heads=2, d_model=32, mlp_ratio=2, text_len=8, text_vocab_size=320, image_grid=4,
                 image_vocab_size=16, conv_kernel=3, attention="sparse", activation_checkpointing=False, init_std=0.2)
     return ModelConfig(**{**base, **kw})
 
@@ -63,7 +63,7 @@ def save_prior_export(prior, out: Path) -> Path:
     return out
 
 
-def make_exports(root: Path, grid: int = 4, text_len: int = 8, text_vocab: int = 256, seed: int = 0) -> tuple[Path, Path]:
+def make_exports(root: Path, grid: int = 4, text_len: int = 8, text_vocab: int = 320, seed: int = 0) -> tuple[Path, Path]:
     """A random tiny prior and dVAE (images of side 2 * grid) as export folders."""
     from dalle_ds.dvae import DiscreteVAE, save_dvae
     from dalle_ds.prior import Prior

