@@ -30,6 +30,20 @@ demo: venv
 		--samples-per-shard 500 --image-size 64 --workers 2
 	$(PY) data_prep/train_text_tokenizer.py --shards $(DEMO_DIR)/shards --vocab-size 512 \
 		--output $(DEMO_DIR)/tokenizer.json
+	# Stage 1: the dVAE on 2 ranks, then its held-out PSNR / SSIM / codebook usage and reconstruction grid
+	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 dalle_ds/train_dvae.py --deepspeed_config ds_configs/dvae.json \
+		--config tiny --eval_shards $(DEMO_DIR)/heldout_shards run.dir=$(DEMO_DIR)/dvae logging.progress_bar=false
+	$(PY) -m dalle_ds.eval_dvae --checkpoint $(DEMO_DIR)/dvae/export --shards $(DEMO_DIR)/heldout_shards \
+		--grid $(DEMO_DIR)/dvae_reconstructions.png
+	# Pre-encoding: image shards -> token shards, with a decode check
+	$(PY) data_prep/tokenize_images.py --dvae $(DEMO_DIR)/dvae/export --input $(DEMO_DIR)/shards \
+		--output $(DEMO_DIR)/tokens --batch-size 64 --verify 16 --no-progress
+	# Stage 2: the prior under ZeRO-3 on 2 ranks, exported for sampling
+	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 dalle_ds/train.py --deepspeed_config ds_configs/zero3_fp32_cpu.json \
+		--config tiny run.dir=$(DEMO_DIR)/prior logging.progress_bar=false
+	$(PY) -m dalle_ds.checkpoint export $(DEMO_DIR)/prior $(DEMO_DIR)/prior/export
+	# CLIP, samples for held-out captions with reranking, caption-match rates, FID/IS/CLIP score
+	$(PY) -m dalle_ds.demo_eval --run $(DEMO_DIR) --checkpoint $(DEMO_DIR)/prior/export --dvae $(DEMO_DIR)/dvae/export
 	@echo "demo outputs are in $(DEMO_DIR)"
 
 test: venv
@@ -37,6 +51,9 @@ test: venv
 
 bench: venv
 	$(PY) -m bench.matmul_peak
+	$(PY) -m bench.attention --threads 1
+	$(PY) -m bench.train_prior --configs tiny B 100M --steps 3
+	$(PY) -m bench.sampling --threads 1
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -49,7 +49,29 @@ from dalle_ds.dist import barrier, get_rank, print0
 
 EXIT_CHECKPOINTED = 75  # EX_TEMPFAIL: stopped by a signal after a complete checkpoint; requeue me
 TAG_RE = re.compile(r"^step_(\d{8,})$")
+RUN_MARKERS = ("COMPLETED", "REQUEUE")  # read by slurm/lib.sh to decide: done, or requeue and resume
 ENTRY_PREFIX = "model."  # dalle_ds.engine.EntryPoint names parameters model.*
+
+
+def write_run_marker(run_dir: str | Path, name: str, step: int) -> None:
+    """Rank 0 leaves ``<run_dir>/COMPLETED`` (training finished) or ``<run_dir>/REQUEUE`` (stopped by a
+    signal after a complete checkpoint). A new run clears both; the SLURM scripts act on them."""
+    if name not in RUN_MARKERS:
+        raise ValueError(f"marker={name!r}: must be one of {RUN_MARKERS}")
+    if get_rank() == 0:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for other in RUN_MARKERS:
+            (run_dir / other).unlink(missing_ok=True)
+        (run_dir / name).write_text(f"{step}\n")
+    barrier()
+
+
+def clear_run_markers(run_dir: str | Path) -> None:
+    if get_rank() == 0:
+        for name in RUN_MARKERS:
+            (Path(run_dir) / name).unlink(missing_ok=True)
+    barrier()
 
 
 class Stateful(Protocol):

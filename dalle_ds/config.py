@@ -48,6 +48,7 @@ class DataConfig:
     image_shards: str = "data/shards/shard-{000000..000000}.tar"
     token_shards: str = "data/tokens/tokens-{000000..000000}.tar"
     tokenizer: str = "data/tokenizer.json"
+    dvae: str = ""  # exported dVAE the token shards were made with; when set, training checks its hash
     image_size: int = 256  # side of the square image the dVAE sees
     bpe_dropout: float = 0.1  # paper: 0.1 during prior training
     num_workers: int = 2  # DataLoader workers per rank

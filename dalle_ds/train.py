@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from dalle_ds.checkpoint import EXIT_CHECKPOINTED, Checkpointer
+from dalle_ds.checkpoint import EXIT_CHECKPOINTED, Checkpointer, clear_run_markers, write_run_marker
 from dalle_ds.config import Config, ModelConfig, load_config
 from dalle_ds.dist import DistInfo, init_distributed, print0
 from dalle_ds.engine import Engine, OptimSpec, build_engine, load_ds_config
@@ -168,7 +168,11 @@ def train(cfg: Config, ds_config_path: str, sample_hooks: list[SampleHook] | Non
 
     # -- data
     m = cfg.model
-    check_token_manifest(cfg.data.token_shards, m.image_grid, m.image_vocab_size)
+    from dalle_ds.dvae_io import dvae_hash
+
+    # refuse tokens made by another dVAE (hash) or for another grid / codebook
+    check_token_manifest(cfg.data.token_shards, m.image_grid, m.image_vocab_size,
+                         expected_dvae_hash=dvae_hash(cfg.data.dvae) if cfg.data.dvae else None)
     tokenizer = TextTokenizer.from_file(cfg.data.tokenizer, m.text_len, m.text_vocab_size)
     loader = TokenShardLoader(cfg.data.token_shards, cfg.optim.micro_batch_size, tokenizer=tokenizer,
                               grid=m.image_grid, codebook_size=m.image_vocab_size,
@@ -202,6 +206,7 @@ def train(cfg: Config, ds_config_path: str, sample_hooks: list[SampleHook] | Non
         ckpt.register_stateful("precision", scaler)
 
     step = 0
+    clear_run_markers(cfg.run.dir)
     if cfg.checkpoint.resume:
         state = ckpt.resume()
         step = state["step"] if state else 0
@@ -250,12 +255,14 @@ def train(cfg: Config, ds_config_path: str, sample_hooks: list[SampleHook] | Non
         if ckpt.should_save(step):
             ckpt.save(step)
         if ckpt.stop_requested:
+            write_run_marker(cfg.run.dir, "REQUEUE", step)
             log.close()
             if progress:
                 progress.close()
             return EXIT_CHECKPOINTED
     if ckpt.last_saved_step != step:
         ckpt.save(step)
+    write_run_marker(cfg.run.dir, "COMPLETED", step)
     log.close()
     if progress:
         progress.close()

@@ -30,7 +30,7 @@ import torch.distributed as torch_dist
 if __package__ in (None, ""):  # `deepspeed dalle_ds/train_dvae.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dalle_ds.checkpoint import EXIT_CHECKPOINTED, Checkpointer  # noqa: E402
+from dalle_ds.checkpoint import EXIT_CHECKPOINTED, Checkpointer, clear_run_markers, write_run_marker  # noqa: E402
 from dalle_ds.config import Config, DVAETrainConfig, load_config  # noqa: E402
 from dalle_ds.data import ImageShardLoader  # noqa: E402
 from dalle_ds.dist import init_distributed, print0  # noqa: E402
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     sched = DVAESchedule(tc)
     # -- checkpoint / resume
     ckpt = Checkpointer.from_config(engine, run_dir, cfg.checkpoint)
+    clear_run_markers(run_dir)
     ckpt.register_stateful("ema", ema)
     ckpt.register_stateful("data", loader)
     state = ckpt.resume() if cfg.checkpoint.resume else None
@@ -172,11 +173,13 @@ def main(argv: list[str] | None = None) -> list[float]:
             if info.is_main:
                 export_ema(ema, cfg, run_dir / "export", step)
             if ckpt.stop_requested:
+                write_run_marker(run_dir, "REQUEUE", step)
                 sys.exit(EXIT_CHECKPOINTED)
     if bar:
         bar.close()
     if writer:
         writer.close()
+    write_run_marker(run_dir, "COMPLETED", step)
     print0(f"dvae: done at step {step}; EMA export in {run_dir / 'export'}")
     return losses
 

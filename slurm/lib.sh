@@ -40,18 +40,19 @@ run_distributed() {
   local rc=0
   # shellcheck disable=SC2086
   srun --kill-on-bad-exit=1 --label --cpu-bind=none "$PYTHON" "$@" $EXTRA_ARGS || rc=$?
-  if [ "$rc" -ne 0 ]; then
-    log "FAILED: srun exited with $rc (see the rank-prefixed lines above)"
-    exit "$rc"
-  fi
   if [ -f "$run_dir/COMPLETED" ]; then
-    log "finished: $run_dir/COMPLETED"
+    log "finished at step $(cat "$run_dir/COMPLETED"): $run_dir/COMPLETED"
     return 0
   fi
-  if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
-    log "stopped early and MAX_REQUEUES=$MAX_REQUEUES reached: not requeueing"
-    exit 1
+  if [ -f "$run_dir/REQUEUE" ]; then  # signal -> every rank checkpointed -> exit 75
+    if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
+      log "stopped early and MAX_REQUEUES=$MAX_REQUEUES reached: not requeueing"
+      exit 1
+    fi
+    log "checkpointed at step $(cat "$run_dir/REQUEUE") after a signal: requeueing"
+    scontrol requeue "$SLURM_JOB_ID"
+    return 0
   fi
-  log "stopped early (checkpoint written): requeueing"
-  scontrol requeue "$SLURM_JOB_ID"
+  log "FAILED: srun exited with $rc (see the rank-prefixed lines above)"
+  exit $(( rc == 0 ? 1 : rc ))
 }
