@@ -1,0 +1,142 @@
+"""slurm/lib.sh and slurm/train_prior.sh as real sbatch jobs on a local 2-node SLURM cluster.
+
+Three jobs: the tiny prior on 2 nodes x 2 tasks with PowerSGD across the (fake) nodes runs to
+COMPLETED; a preempted run (``scancel -s USR1``) checkpoints, requeues itself and finishes with no
+lost step; a job whose rank 1 raises ends FAILED at once with that rank's traceback in the log."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.slurm_cluster import slurm_cluster  # noqa: F401 - fixture
+from tests.test_train_prior import make_token_corpus
+
+pytestmark = pytest.mark.slurm
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = str(ROOT / ".venv" / "bin" / "python")
+NODES = ("--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1")
+FAST = ("data.dvae= data.num_workers=0 data.bpe_dropout=0.0 logging.progress_bar=false logging.tensorboard=false "
+        "optim.micro_batch_size=2 optim.warmup_steps=2")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tokens")
+    make_token_corpus(folder, shards=4, per_shard=16)
+    return folder
+
+
+def _submit_prior(cluster, corpus: Path, run_dir: Path, log: Path, extra: str, *sbatch_args: str) -> str:
+    env = {"CONFIG": "tiny", "DS_CONFIG": "ds_configs/zero3_fp32_cpu.json", "RUN_DIR": str(run_dir),
+           "TOKEN_SHARDS": f"{corpus}/shard-{{000000..000003}}.tar", "TOKENIZER": str(corpus / "tokenizer.json"),
+           "PYTHON": PYTHON, "DALLE_DS_ROOT": str(ROOT), "OMP_NUM_THREADS": "1", "EXTRA_ARGS": f"{FAST} {extra}"}
+    return cluster.sbatch(*NODES, *sbatch_args, "--output", str(log), str(ROOT / "slurm" / "train_prior.sh"),
+                          env=env, cwd=str(ROOT))
+
+
+def _steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _show(cluster, job: str) -> dict[str, str]:
+    out = cluster.run("scontrol", "show", "job", job, check=False).stdout
+    return dict(tok.split("=", 1) for tok in out.split() if "=" in tok)
+
+
+def test_prior_two_nodes_powersgd_completes(slurm_cluster, corpus, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    job = _submit_prior(slurm_cluster, corpus, run_dir, log,
+                        "optim.max_steps=6 checkpoint.every_steps=3 logging.every_steps=3 "
+                        "powersgd.enabled=true powersgd.rank=4")
+    state = slurm_cluster.wait_job(job, timeout_s=120)
+    text = log.read_text()
+    assert state == "COMPLETED", text[-5000:]
+    assert (run_dir / "COMPLETED").read_text().strip() == "6"
+    assert not (run_dir / "REQUEUE").exists()
+    assert "train: 4 ranks via slurm" in text
+    assert {int(r) for r in re.findall(r"^(\d+): ", text, re.M)} == {0, 1, 2, 3}  # srun --label
+    assert "finished at step 6" in text
+    assert sorted(_steps(run_dir)) == list(range(1, 7))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    psgd = {k for r in rows for k in r if k.startswith("powersgd/")}
+    assert psgd, f"no PowerSGD stats in metrics: {rows[-1]}"
+    cfg = (run_dir / "config.yaml").read_text()
+    assert re.search(r"node_size: 2\b", cfg) and re.search(r"enabled: true", cfg), cfg
+
+
+def test_preempted_job_requeues_and_finishes(slurm_cluster, corpus, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    n = 40
+    job = _submit_prior(slurm_cluster, corpus, run_dir, log,
+                        f"optim.max_steps={n} checkpoint.every_steps=1000 logging.every_steps=5")
+    deadline = time.time() + 90
+    while len(_steps(run_dir)) < 3:
+        assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else "no log"
+        assert slurm_cluster.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), log.read_text()[-3000:]
+        time.sleep(0.3)
+    slurm_cluster.run("scancel", "-s", "USR1", job)  # signals every task of the job's steps
+    # the script requeues the job; a requeued job may be held with a BeginTime in the future
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        info = _show(slurm_cluster, job)
+        if int(info.get("Restarts", "0")) >= 1:
+            break
+        time.sleep(0.5)
+    assert int(_show(slurm_cluster, job).get("Restarts", "0")) == 1, log.read_text()[-3000:]
+    for _ in range(60):
+        info = _show(slurm_cluster, job)
+        if info.get("JobState") != "PENDING":
+            break
+        if "held" in info.get("Reason", "").lower() or info.get("Priority") == "0":
+            slurm_cluster.run("scontrol", "release", job, check=False)
+        slurm_cluster.run("scontrol", "update", f"JobId={job}", "BeginTime=now", check=False)
+        time.sleep(1.0)
+    state = slurm_cluster.wait_job(job, timeout_s=120)
+    text = log.read_text()
+    assert state == "COMPLETED", text[-5000:]
+    m = re.search(r"\[job \d+ restart 0\] checkpointed at step (\d+) after a signal: requeueing", text)
+    assert m, text[-5000:]
+    stopped = int(m.group(1))
+    assert 3 <= stopped < n
+    assert "restart 1] finished at step 40" in text
+    assert (run_dir / "COMPLETED").read_text().strip() == str(n)
+    assert not (run_dir / "REQUEUE").exists()
+    steps = _steps(run_dir)
+    assert set(steps) == set(range(1, n + 1)) and max(steps) == n  # nothing lost
+    assert steps.count(stopped) == 1 and steps.count(stopped + 1) == 1  # resumed right after the checkpoint
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{n:08d}"
+
+
+def test_failing_rank_fails_job_fast(slurm_cluster, tmp_path):
+    script = tmp_path / "fail.sh"
+    script.write_text(f"""#!/bin/bash
+set -euo pipefail
+source "{ROOT}/slurm/lib.sh"
+run_distributed "{tmp_path}/run" -c "
+import os, time
+if os.environ['SLURM_PROCID'] == '1':
+    raise RuntimeError('rank one is broken')
+time.sleep(300)
+"
+""")
+    log = tmp_path / "job.out"
+    start = time.time()
+    job = slurm_cluster.sbatch(*NODES, "--output", str(log), str(script),
+                               env={"PYTHON": PYTHON, "DALLE_DS_ROOT": str(ROOT)}, cwd=str(ROOT))
+    state = slurm_cluster.wait_job(job, timeout_s=90)
+    elapsed = time.time() - start
+    text = log.read_text()
+    assert state == "FAILED", text
+    assert elapsed < 60, (elapsed, text)  # the sleeping ranks were killed, not waited for
+    assert re.search(r"^1: RuntimeError: rank one is broken", text, re.M), text
+    assert "FAILED: srun exited with" in text
+    assert _show(slurm_cluster, job).get("ExitCode", "").split(":")[0] != "0"
