@@ -46,7 +46,9 @@ def evaluate(vae: DiscreteVAE, batches, max_images: int | None = None, grid_path
 
     was_training = vae.training
     vae.eval()
-    ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+    # this rank's images only: torchmetrics would otherwise all-gather across ranks when torch.distributed
+    # is initialised, and the trainer evaluates on rank 0 alone (a deadlock)
+    ssim = StructuralSimilarityIndexMeasure(data_range=1.0, sync_on_compute=False)
     counts = torch.zeros(vae.cfg.codebook_size, dtype=torch.long)
     sq_err, n_values, n_images, grid = 0.0, 0, 0, None
     for batch in batches:

@@ -99,14 +99,16 @@ def test_preempted_job_requeues_and_finishes(slurm_cluster, corpus, tmp_path):
             break
         time.sleep(0.5)
     assert int(_show(slurm_cluster, job).get("Restarts", "0")) == 1, log.read_text()[-3000:]
-    for _ in range(60):
+    # SLURM delays a requeued job (BeginTime about 2 minutes ahead): start it now once it is PENDING
+    for _ in range(120):
         info = _show(slurm_cluster, job)
-        if info.get("JobState") != "PENDING":
+        if info.get("JobState") in ("RUNNING", "COMPLETED", "FAILED", "CANCELLED"):
             break
-        if "held" in info.get("Reason", "").lower() or info.get("Priority") == "0":
-            slurm_cluster.run("scontrol", "release", job, check=False)
-        slurm_cluster.run("scontrol", "update", f"JobId={job}", "BeginTime=now", check=False)
-        time.sleep(1.0)
+        if info.get("JobState") == "PENDING":
+            if "held" in info.get("Reason", "").lower() or info.get("Priority") == "0":
+                slurm_cluster.run("scontrol", "release", job, check=False)
+            slurm_cluster.run("scontrol", "update", f"JobId={job}", "BeginTime=now", check=False)
+        time.sleep(0.5)
     state = slurm_cluster.wait_job(job, timeout_s=120)
     text = log.read_text()
     assert state == "COMPLETED", text[-5000:]
