@@ -187,6 +187,8 @@ def train(cfg: Config, ds_config_path: str, sample_hooks: list[SampleHook] | Non
     hierarchy = None
     if hierarchical_zero.is_enabled(cfg.powersgd):  # ZeRO-3 inside node groups, averaged across nodes
         hierarchy = hierarchical_zero.setup(cfg.powersgd, seed=cfg.run.seed)
+        print0(f"train: ZeRO-3 inside nodes of {hierarchy.groups.node_size} ranks, {hierarchy.groups.num_nodes} nodes, "
+               f"cross-node average: {'PowerSGD rank ' + str(cfg.powersgd.rank) if cfg.powersgd.enabled else 'exact fp32'}")
     engine = build_engine(lambda: Prior(m), ds_config, OptimSpec.from_optim(cfg.optim), no_decay=no_decay,
                           zero_partition_group=hierarchy.groups.intra if hierarchy else None,
                           before_initialize=[lambda model, _: hierarchical_zero.mark_params(model)] if hierarchy else [],

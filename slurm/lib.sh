@@ -31,7 +31,8 @@ log() { echo "[$(date '+%F %T')] [job $SLURM_JOB_ID restart ${SLURM_RESTART_COUN
 # One process per task (srun). A rank that fails kills the whole step at once (--kill-on-bad-exit)
 # and the job ends FAILED with that rank's traceback in the log (lines are prefixed with the rank).
 # A trainer that stopped early on SIGUSR1/SIGTERM (preemption, or --signal before the time limit)
-# has checkpointed and exited 0 without writing RUN_DIR/COMPLETED: the job then requeues itself
+# has checkpointed, written RUN_DIR/REQUEUE and exited 75 (srun then stops the other ranks, whose
+# part of the checkpoint is already complete): the job requeues itself
 # and the next run resumes from RUN_DIR's latest checkpoint without any flag.
 run_distributed() {
   local run_dir=$1; shift
