@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import json
 import random
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageOps
 
+from bench.shapes_scorer import blur_noise, jpeg
 from dalle_ds import shapes_score as ss
 from data_prep import make_shapes_corpus as msc
 
@@ -131,24 +131,11 @@ def test_detections_agree_with_the_ground_truth_sidecars(corpus):
     assert agree / len(scenes) >= 0.95, agree  # measured 300/300
 
 
-def _blur_noise(im: Image.Image, seed: int) -> Image.Image:
-    a = np.asarray(im.filter(ImageFilter.GaussianBlur(1.0)), dtype=np.float32)
-    a = a + np.random.default_rng(seed).normal(0.0, 8.0, a.shape)
-    return Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8))
-
-
-def _jpeg(im: Image.Image, quality: int) -> Image.Image:
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=quality)
-    with Image.open(buf) as out:
-        return out.convert("RGB")
-
-
 def test_robust_to_mild_blur_noise_and_jpeg(corpus):
     images, captions, _, _ = corpus
-    blurred = [_blur_noise(im, i) for i, im in enumerate(images)]
+    blurred = [blur_noise(im, 1.0, 8.0, i) for i, im in enumerate(images)]
     assert ss.caption_match_rate(blurred, captions) >= 0.95  # measured 1.000 (blur 1 px + noise sigma 8)
-    jpegs = [_jpeg(im, 75) for im in images]
+    jpegs = [jpeg(im, 75) for im in images]
     assert ss.caption_match_rate(jpegs, captions) >= 0.95  # measured 1.000 (quality 75, as shards store)
 
 
