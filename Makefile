@@ -32,8 +32,7 @@ demo: venv
 		--output $(DEMO_DIR)/tokenizer.json
 	# Stage 1: the dVAE on 2 ranks, then its held-out PSNR / SSIM / codebook usage and reconstruction grid
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 dalle_ds/train_dvae.py --deepspeed_config ds_configs/dvae.json \
-		--config tiny --eval_shards $(DEMO_DIR)/heldout_shards run.dir=$(DEMO_DIR)/dvae logging.progress_bar=false \
-		dvae_train.max_steps=1000
+		--config tiny --eval_shards $(DEMO_DIR)/heldout_shards run.dir=$(DEMO_DIR)/dvae logging.progress_bar=false
 	$(PY) -m dalle_ds.eval_dvae --checkpoint $(DEMO_DIR)/dvae/export --shards $(DEMO_DIR)/heldout_shards \
 		--grid $(DEMO_DIR)/dvae_reconstructions.png
 	# Pre-encoding: image shards -> token shards, with a decode check

@@ -107,6 +107,15 @@ class DVAETrainConfig:
     eps: float = 1e-8
     weight_decay: float = 1e-4
     ema_decay: float = 0.999
+    # Not in the paper; the tiny preset needs them on its flat-colour corpus (dalle_ds/dvae_loss.py says why).
+    recon_loss: Literal["logit_laplace", "mse"] = "logit_laplace"
+    mse_weight: float = 100.0  # recon_loss=mse: a Gaussian NLL with sigma^2 = 1 / (2 * mse_weight)
+    marginal_kl_weight: float = 0.0  # extra weight on KL(batch-mean code distribution || uniform)
+
+    def loss_spec(self):
+        from dalle_ds.dvae_loss import DVAELossSpec
+
+        return DVAELossSpec(self.recon_loss, self.mse_weight, self.marginal_kl_weight)
 
     def validate(self, p: str = "dvae_train") -> None:
         for name in ("micro_batch_size", "max_steps", "lr_steps", "kl_weight_steps", "tau_steps"):
@@ -115,6 +124,8 @@ class DVAETrainConfig:
         _require(0 < self.tau_end <= self.tau_start, f"{p}.tau_end", self.tau_end, "must be in (0, tau_start]")
         _require(self.kl_weight_max >= 0, f"{p}.kl_weight_max", self.kl_weight_max, "must be >= 0")
         _require(0 <= self.ema_decay < 1, f"{p}.ema_decay", self.ema_decay, "must be in [0, 1)")
+        _require(self.mse_weight > 0, f"{p}.mse_weight", self.mse_weight, "must be > 0")
+        _require(self.marginal_kl_weight >= 0, f"{p}.marginal_kl_weight", self.marginal_kl_weight, "must be >= 0")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas", self.betas,
                  "must be two values in [0, 1)")
 

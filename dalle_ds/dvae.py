@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dalle_ds.config import DVAEConfig
-from dalle_ds.dvae_loss import dvae_loss, gumbel_softmax, map_pixels, unmap_pixels
+from dalle_ds.dvae_loss import PAPER_LOSS, DVAELossSpec, dvae_loss, gumbel_softmax, map_pixels, unmap_pixels
 
 
 def _conv(n_in: int, n_out: int, kw: int) -> nn.Conv2d:
@@ -183,13 +183,13 @@ class DiscreteVAE(nn.Module):
         return unmap_pixels(torch.sigmoid(mu))
 
     # ------------------------------------------------------------------ training
-    def forward(self, images: torch.Tensor, tau: float, beta: float,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    def forward(self, images: torch.Tensor, tau: float, beta: float, generator: torch.Generator | None = None,
+                loss_spec: DVAELossSpec = PAPER_LOSS) -> tuple[torch.Tensor, dict]:
         """Relaxed ELBO per pixel. Returns (loss, terms) with detached diagnostics in ``terms``."""
         logits = self.logits(images)  # (B, K, h, w)
         z = gumbel_softmax(logits, tau, dim=1, generator=generator)  # (B, K, h, w)
         mu, ln_b = self.decode_stats(z)  # (B, C, H, W) each
-        loss, terms = dvae_loss(map_pixels(images.float()), mu, ln_b, logits, beta)
+        loss, terms = dvae_loss(map_pixels(images.float()), mu, ln_b, logits, beta, loss_spec)
         with torch.no_grad():
             terms["recon"] = unmap_pixels(torch.sigmoid(mu.detach()))
             terms["codes"] = logits.detach().argmax(dim=1)

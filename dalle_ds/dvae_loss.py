@@ -6,11 +6,24 @@ The logit-Laplace density of y with location mu and scale b is
 so the per-subpixel negative log-likelihood is ln 2 + ln b + ln y + ln(1 - y) + |logit(y) - mu| / b.
 KL(q(z|x) || uniform) at one grid position is sum_k q_k ln q_k + ln K. The loss is
     (sum of NLL over subpixels + beta * sum of KL over positions) / (C * H * W), mean over the batch.
+
+Two options the paper does not use, for small models on synthetic data (the tiny preset; see
+``DVAETrainConfig``):
+- ``recon="mse"``: a Gaussian likelihood of fixed scale on the mapped pixels, ``mse_weight *
+  (sigmoid(mu) - y)^2`` (= the NLL with sigma^2 = 1 / (2 mse_weight), up to a constant). On images
+  made of perfectly flat colours the logit-Laplace density is unbounded (ln b -> -inf where a pixel is
+  predicted exactly), so its optimum spends the model on flat regions and leaves edges blurred.
+- ``marginal_kl_weight``: extra weight on KL(q_bar || uniform), q_bar the encoder's code distribution
+  averaged over the batch and grid. The positional KL splits as E_x KL(q(z|x) || U) = I(x; z) +
+  KL(q_bar || U); this weights only the second part, which counters codebook collapse without
+  penalising the information the codes carry. Normalised like the positional KL (per pixel).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -49,14 +62,47 @@ def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
     return (log_q.exp() * log_q).sum(dim=1) + math.log(logits.shape[1])
 
 
+def marginal_kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
+    """KL(q_bar || uniform), q_bar = softmax(logits) averaged over batch and grid: (B, K, h, w) -> ()."""
+    q_bar = F.softmax(logits.float(), dim=1).mean(dim=(0, 2, 3))  # (K,)
+    return (q_bar * q_bar.clamp_min(1e-30).log()).sum() + math.log(logits.shape[1])
+
+
+ReconLoss = Literal["logit_laplace", "mse"]
+
+
+@dataclass(frozen=True)
+class DVAELossSpec:
+    """Which reconstruction term and extra weights the relaxed ELBO uses (defaults: the paper's)."""
+
+    recon: ReconLoss = "logit_laplace"
+    mse_weight: float = 100.0
+    marginal_kl_weight: float = 0.0
+
+
+PAPER_LOSS = DVAELossSpec()
+
+
 def dvae_loss(y: torch.Tensor, mu: torch.Tensor, ln_b: torch.Tensor, logits: torch.Tensor,
-              beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-pixel relaxed ELBO. y, mu, ln_b: (B, C, H, W); logits: (B, K, h, w)."""
+              beta: float, spec: DVAELossSpec = PAPER_LOSS) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-pixel relaxed ELBO. y, mu, ln_b: (B, C, H, W); logits: (B, K, h, w).
+
+    Terms: ``nll`` (the reconstruction term), ``kl`` (positional KL per pixel) and ``marginal_kl``
+    (KL(q_bar || U) per pixel; in the loss only when ``spec.marginal_kl_weight`` > 0)."""
     batch, pixels = y.shape[0], y[0].numel()  # C * H * W
-    nll = logit_laplace_nll(y, mu, ln_b).sum() / (batch * pixels)
+    if spec.recon == "logit_laplace":
+        nll = logit_laplace_nll(y, mu, ln_b).sum() / (batch * pixels)
+    elif spec.recon == "mse":
+        nll = spec.mse_weight * F.mse_loss(torch.sigmoid(mu), y)
+    else:
+        raise ValueError(f"recon={spec.recon!r}: expected 'logit_laplace' or 'mse'")
     kl = kl_to_uniform(logits).sum() / (batch * pixels)
+    positions = logits.shape[-2] * logits.shape[-1]
+    marginal_kl = marginal_kl_to_uniform(logits) * positions / pixels
     loss = nll + beta * kl
-    return loss, {"nll": nll.detach(), "kl": kl.detach()}
+    if spec.marginal_kl_weight:
+        loss = loss + spec.marginal_kl_weight * marginal_kl
+    return loss, {"nll": nll.detach(), "kl": kl.detach(), "marginal_kl": marginal_kl.detach()}
 
 
 def mse_psnr(images: torch.Tensor, recon: torch.Tensor) -> tuple[float, float]:

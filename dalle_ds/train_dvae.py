@@ -72,11 +72,11 @@ class RunningStats:
         self.reset()
 
     def reset(self) -> None:
-        self.sums = torch.zeros(5, dtype=torch.float64)  # loss, nll, kl, mse, steps
+        self.sums = torch.zeros(6, dtype=torch.float64)  # loss, nll, kl, marginal_kl, mse, steps
         self.codes = torch.zeros(self.codebook_size, dtype=torch.float64)
 
-    def add(self, loss: float, nll: float, kl: float, mse: float, codes: torch.Tensor) -> None:
-        self.sums += torch.tensor([loss, nll, kl, mse, 1.0], dtype=torch.float64)
+    def add(self, loss: float, nll: float, kl: float, marginal_kl: float, mse: float, codes: torch.Tensor) -> None:
+        self.sums += torch.tensor([loss, nll, kl, marginal_kl, mse, 1.0], dtype=torch.float64)
         self.codes += torch.bincount(codes.reshape(-1), minlength=self.codebook_size).double()
 
     def reduce(self) -> dict[str, float]:
@@ -84,14 +84,14 @@ class RunningStats:
         packed = torch.cat([self.sums, self.codes])
         if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
             torch_dist.all_reduce(packed)
-        sums, codes = packed[:5], packed[5:]
-        n = max(float(sums[4]), 1.0)
-        mse = float(sums[3]) / n
+        sums, codes = packed[:6], packed[6:]
+        n = max(float(sums[5]), 1.0)
+        mse = float(sums[4]) / n
         p = codes / codes.sum().clamp(min=1)
         entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
         self.reset()
         return {"loss": float(sums[0]) / n, "nll": float(sums[1]) / n, "kl": float(sums[2]) / n,
-                "mse": mse, "psnr": 10 * math.log10(1.0 / max(mse, 1e-12)), "perplexity": math.exp(entropy),
+                "marginal_kl": float(sums[3]) / n, "mse": mse, "psnr": 10 * math.log10(1.0 / max(mse, 1e-12)), "perplexity": math.exp(entropy),
                 "codes_used_fraction": float((codes > 0).sum()) / self.codebook_size}
 
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> list[float]:
                           run_dir=run_dir, run_config=cfg)
     model: DiscreteVAE = engine.model
     ema = EMA(model, tc.ema_decay)
-    sched = DVAESchedule(tc)
+    sched, loss_spec = DVAESchedule(tc), tc.loss_spec()
     # -- checkpoint / resume
     ckpt = Checkpointer.from_config(engine, run_dir, cfg.checkpoint)
     clear_run_markers(run_dir)
@@ -150,13 +150,14 @@ def main(argv: list[str] | None = None) -> list[float]:
         images = next(batches)["images"]  # (B, C, H, W) in [0, 1]
         s = sched(step)
         engine.set_lr(s["lr"])
-        loss, terms = engine(images, s["tau"], s["beta"], generator=noise_generator(cfg.run.seed, step, info.rank))
+        loss, terms = engine(images, s["tau"], s["beta"], generator=noise_generator(cfg.run.seed, step, info.rank),
+                             loss_spec=loss_spec)
         engine.engine_step(loss)
         ema.update(model)
         step += 1
         losses.append(float(loss.detach()))
-        stats.add(float(loss.detach()), float(terms["nll"]), float(terms["kl"]), mse_psnr(images, terms["recon"])[0],
-                  terms["codes"])
+        stats.add(float(loss.detach()), float(terms["nll"]), float(terms["kl"]), float(terms["marginal_kl"]),
+                  mse_psnr(images, terms["recon"])[0], terms["codes"])
         if bar:
             bar.update(1)
         if step % cfg.logging.every_steps == 0 or step == tc.max_steps:

@@ -33,6 +33,8 @@ def test_override_precedence_and_types():
     (["model.image_vocab_size=100"], "model.image_vocab_size=100: must equal dvae.codebook_size=512"),
     (["data.image_size=96"], "model.image_grid=16: must equal data.image_size // dvae.downsample"),
     (["optim.betas=[0.9]"], "optim.betas=[0.9]: must have 2 elements"),
+    (["dvae_train.recon_loss=l2"], "dvae_train.recon_loss='l2': must be one of"),
+    (["dvae_train.marginal_kl_weight=-1"], "dvae_train.marginal_kl_weight=-1"),
     (["optim.lr"], "'optim.lr': an override must look like section.key=value"),
 ])
 def test_errors_name_key_and_value(override, fragment):

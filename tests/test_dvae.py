@@ -9,8 +9,8 @@ import torch
 
 from dalle_ds.config import DVAEConfig, DVAETrainConfig
 from dalle_ds.dvae import DiscreteVAE, load_dvae, save_dvae
-from dalle_ds.dvae_loss import (codebook_usage, dvae_loss, gumbel_softmax, kl_to_uniform, logit_laplace_nll,
-                                map_pixels, mse_psnr, unmap_pixels)
+from dalle_ds.dvae_loss import (DVAELossSpec, codebook_usage, dvae_loss, gumbel_softmax, kl_to_uniform,
+                                logit_laplace_nll, map_pixels, marginal_kl_to_uniform, mse_psnr, unmap_pixels)
 from dalle_ds.ema import EMA
 from dalle_ds.schedules import DVAESchedule, cosine
 
@@ -68,6 +68,41 @@ def test_dvae_loss_is_per_pixel_sum_of_nll_plus_beta_kl():
     assert float(terms["nll"]) == pytest.approx(nll_sum / pixels, abs=1e-6)
     assert float(terms["kl"]) == pytest.approx(kl_sum / pixels, abs=1e-6)
     assert float(loss) == pytest.approx((nll_sum + 2.0 * kl_sum) / pixels, abs=1e-6)
+
+
+def test_marginal_kl_is_kl_of_the_batch_mean_distribution():
+    mirrored = torch.tensor([[math.log(3.0), 0.0], [0.0, math.log(3.0)]]).T.reshape(1, 2, 1, 2)  # (3/4,1/4), (1/4,3/4)
+    assert float(marginal_kl_to_uniform(mirrored)) == pytest.approx(0.0, abs=1e-6)  # the mean is uniform
+    assert float(kl_to_uniform(mirrored).mean()) > 0.1  # though each position is not
+    same = torch.tensor([math.log(3.0), 0.0]).view(1, 2, 1, 1).expand(2, 2, 2, 2)
+    want = 0.75 * math.log(0.75) + 0.25 * math.log(0.25) + math.log(2)
+    assert float(marginal_kl_to_uniform(same)) == pytest.approx(want, abs=1e-6)
+
+
+def test_marginal_kl_gradient_pushes_down_the_dominant_code_everywhere():
+    logits = torch.randn(4, 8, 3, 3, generator=torch.Generator().manual_seed(0))
+    logits[:, 0] += 4.0  # code 0 wins at every position: a collapsed codebook
+    logits.requires_grad_(True)
+    marginal_kl_to_uniform(logits).backward()
+    assert (logits.grad[:, 0] > 0).all()  # gradient descent lowers code 0's logit at every position
+
+
+def test_dvae_loss_mse_and_marginal_kl_options_hand_values():
+    y = torch.tensor([0.5, 0.9, 0.1, 0.3, 0.7, 0.5, 0.2, 0.8]).view(2, 1, 2, 2)
+    mu = torch.zeros_like(y)  # sigmoid(mu) = 0.5
+    logits = torch.tensor([[math.log(3.0), 0.0], [math.log(3.0), 0.0]]).view(2, 2, 1, 1)  # both (3/4, 1/4)
+    spec = DVAELossSpec(recon="mse", mse_weight=10.0, marginal_kl_weight=3.0)
+    loss, terms = dvae_loss(y, mu, torch.zeros_like(y), logits, beta=2.0, spec=spec)
+    mse = sum((0.5 - v) ** 2 for v in y.flatten().tolist()) / 8
+    kl_pos = 0.75 * math.log(0.75) + 0.25 * math.log(0.25) + math.log(2)
+    kl = 2 * kl_pos / 8  # two positions over 8 subpixels
+    marginal = kl_pos * 1 / 4  # the batch mean is (3/4, 1/4) too; 1 position per 4 subpixels
+    assert float(terms["nll"]) == pytest.approx(10.0 * mse, abs=1e-6)
+    assert float(terms["kl"]) == pytest.approx(kl, abs=1e-6)
+    assert float(terms["marginal_kl"]) == pytest.approx(marginal, abs=1e-6)
+    assert float(loss) == pytest.approx(10.0 * mse + 2.0 * kl + 3.0 * marginal, abs=1e-6)
+    with pytest.raises(ValueError, match="recon='l2'"):
+        dvae_loss(y, mu, mu, logits, 1.0, DVAELossSpec(recon="l2"))
 
 
 def test_gumbel_softmax_is_reproducible_and_sharpens_with_tau():
