@@ -40,7 +40,7 @@ demo: venv
 		--output $(DEMO_DIR)/tokens --batch-size 64 --verify 16 --no-progress
 	# Stage 2: the prior under ZeRO-3 on 2 ranks, exported for sampling
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 dalle_ds/train.py --deepspeed_config ds_configs/zero3_fp32_cpu.json \
-		--config tiny run.dir=$(DEMO_DIR)/prior logging.progress_bar=false optim.max_steps=400 \
+		--config tiny run.dir=$(DEMO_DIR)/prior logging.progress_bar=false optim.max_steps=1200 \
 		data.dvae=$(DEMO_DIR)/dvae/export
 	$(PY) -m dalle_ds.checkpoint export $(DEMO_DIR)/prior $(DEMO_DIR)/prior/export
 	# CLIP, samples for held-out captions with reranking, caption-match rates, FID/IS/CLIP score
