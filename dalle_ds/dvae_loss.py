@@ -98,8 +98,10 @@ def dvae_loss(y: torch.Tensor, mu: torch.Tensor, ln_b: torch.Tensor, logits: tor
         raise ValueError(f"recon={spec.recon!r}: expected 'logit_laplace' or 'mse'")
     kl = kl_to_uniform(logits).sum() / (batch * pixels)
     positions = logits.shape[-2] * logits.shape[-1]
-    marginal_kl = marginal_kl_to_uniform(logits) * positions / pixels
     loss = nll + beta * kl
+    # logged either way; in the autograd graph only when it is part of the loss
+    with torch.set_grad_enabled(torch.is_grad_enabled() and spec.marginal_kl_weight > 0):
+        marginal_kl = marginal_kl_to_uniform(logits) * positions / pixels
     if spec.marginal_kl_weight:
         loss = loss + spec.marginal_kl_weight * marginal_kl
     return loss, {"nll": nll.detach(), "kl": kl.detach(), "marginal_kl": marginal_kl.detach()}
