@@ -33,7 +33,7 @@ demo: venv
 	# Stage 1: the dVAE on 2 ranks, then its held-out PSNR / SSIM / codebook usage and reconstruction grid
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 dalle_ds/train_dvae.py --deepspeed_config ds_configs/dvae.json \
 		--config tiny --eval_shards $(DEMO_DIR)/heldout_shards run.dir=$(DEMO_DIR)/dvae logging.progress_bar=false
-	$(PY) -m dalle_ds.eval_dvae --checkpoint $(DEMO_DIR)/dvae/export --shards $(DEMO_DIR)/heldout_shards \
+	$(PY) -m dalle_ds.evaluate_dvae --checkpoint $(DEMO_DIR)/dvae/export --shards $(DEMO_DIR)/heldout_shards \
 		--grid $(DEMO_DIR)/dvae_reconstructions.png
 	# Pre-encoding: image shards -> token shards, with a decode check
 	$(PY) data_prep/tokenize_images.py --dvae $(DEMO_DIR)/dvae/export --input $(DEMO_DIR)/shards \
@@ -42,9 +42,9 @@ demo: venv
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 dalle_ds/train.py --deepspeed_config ds_configs/zero3_fp32_cpu.json \
 		--config tiny run.dir=$(DEMO_DIR)/prior logging.progress_bar=false optim.max_steps=1200 \
 		data.dvae=$(DEMO_DIR)/dvae/export
-	$(PY) -m dalle_ds.checkpoint export $(DEMO_DIR)/prior $(DEMO_DIR)/prior/export
+	$(PY) -m dalle_ds.export $(DEMO_DIR)/prior $(DEMO_DIR)/prior/export
 	# CLIP, samples for held-out captions with reranking, caption-match rates, FID/IS/CLIP score
-	$(PY) -m dalle_ds.demo_eval --run $(DEMO_DIR) --checkpoint $(DEMO_DIR)/prior/export --dvae $(DEMO_DIR)/dvae/export
+	$(PY) -m dalle_ds.evaluate_captions --run $(DEMO_DIR) --checkpoint $(DEMO_DIR)/prior/export --dvae $(DEMO_DIR)/dvae/export
 	@echo "demo outputs are in $(DEMO_DIR)"
 
 test: venv

@@ -23,10 +23,10 @@ import time
 import torch
 
 from bench.harness import Recorder, figure, latest
-from dalle_ds.attention import build_backend
-from dalle_ds.attention_masks import KINDS
+from dalle_ds.models.attention import build_backend
+from dalle_ds.models.masks import KINDS
 from dalle_ds.config import ModelConfig, load_config, replace
-from dalle_ds.prior import Prior
+from dalle_ds.models.prior import Prior
 
 CONFIG_B = ModelConfig(n_layers=8, n_heads=8, d_model=512, mlp_ratio=4, text_len=64, text_vocab_size=16384,
                        image_grid=32, image_vocab_size=8192, conv_kernel=11, attention="dense",

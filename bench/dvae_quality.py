@@ -43,9 +43,9 @@ def _train(run_dir: str, shards: str, overrides: list[str]) -> None:
 
 
 def run_variant(name: str, shards: str, heldout: str, ranks: int, extra: list[str]) -> dict:
-    from dalle_ds.data import ImageShardLoader
-    from dalle_ds.dvae import load_dvae
-    from dalle_ds.eval_dvae import evaluate
+    from dalle_ds.data.loaders import ImageShardLoader
+    from dalle_ds.models.dvae import load_dvae
+    from dalle_ds.evaluation.reconstruction import evaluate_reconstruction
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -54,7 +54,7 @@ def run_variant(name: str, shards: str, heldout: str, ranks: int, extra: list[st
         vae = load_dvae(str(Path(tmp) / "export"))
         batches = ImageShardLoader(heldout, 64, mode="eval", size=64, rank=0, world_size=1, shuffle=False,
                                    infinite=False)
-        m = evaluate(vae, batches)
+        m = evaluate_reconstruction(vae, batches)
     m.pop("grid")
     return {**m, "train_wall_s": wall}
 

@@ -27,7 +27,7 @@ import webdataset as wds
 from PIL import Image
 
 from bench.harness import Recorder
-from dalle_ds.data import ImageShardLoader, TokenShardLoader
+from dalle_ds.data.loaders import ImageShardLoader, TokenShardLoader
 
 WORDS = "a red blue green small large circle square triangle star photo of the on with and drawing".split()
 
@@ -74,7 +74,7 @@ def write_token_shards(folder: Path, grid: int, shards: int, per_shard: int) -> 
 def make_tokenizer(text_len: int):
     """A real TextTokenizer (vocab 1024), trained on the captions as train_text_tokenizer.py does."""
     from data_prep.train_text_tokenizer import build
-    from dalle_ds.tokenizer import TextTokenizer
+    from dalle_ds.data.tokenizer import TextTokenizer
 
     tok, trainer = build(vocab_size=1024)
     rng = np.random.default_rng(1)

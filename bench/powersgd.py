@@ -2,10 +2,10 @@
 
     OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu PYTHONPATH=. .venv/bin/python bench/powersgd.py [--steps 4]
 
-1. Analytic (dalle_ds.plan, the same shard views as dalle_ds.powersgd): cross-node payload per GPU
+1. Analytic (dalle_ds.plan, the same shard views as dalle_ds.parallel.powersgd): cross-node payload per GPU
    and step, exact vs PowerSGD, for the tiny preset and a ~100M model (paper preset with 12 layers,
    d 768) at several ranks, for node sizes 2 and 8; and Table 1 (1 - 5r/(8d)).
-2. Measured: the tiny prior on 4 gloo ranks as 2 fake nodes x 2 (dalle_ds.engine + hierarchical_zero):
+2. Measured: the tiny prior on 4 gloo ranks as 2 fake nodes x 2 (dalle_ds.parallel.engine + hierarchical_zero):
    median step time for flat ZeRO-3, hierarchical exact, PowerSGD at two ranks, and the cross-node
    bytes PowerSGD reports. The machine is a shared 2-core CPU: times are noisy and gloo on loopback says
    nothing about real inter-node links; the byte counts are exact.
@@ -34,10 +34,10 @@ def _measure(modes, steps):
 
     import torch
 
-    from dalle_ds import hierarchical_zero
-    from dalle_ds.dist import init_distributed
-    from dalle_ds.engine import OptimSpec, build_engine
-    from dalle_ds.prior import Prior, no_decay
+    from dalle_ds.parallel import hierarchy as hierarchical_zero
+    from dalle_ds.parallel.dist import init_distributed
+    from dalle_ds.parallel.engine import OptimSpec, build_engine
+    from dalle_ds.models.prior import Prior, no_decay
     from tests.test_hierarchical_prior import synthetic_batch
 
     warnings.filterwarnings("ignore")

@@ -2,7 +2,7 @@
 
     python -m bench.precision [--config tiny] [--steps 6] [--warmup 1] [--modes fp32,fp16]
 
-One process through dalle_ds.engine (DeepSpeed ZeRO-3, world size 1), the prior of the preset,
+One process through dalle_ds.parallel.engine (DeepSpeed ZeRO-3, world size 1), the prior of the preset,
 random tokens of the preset's shapes (the figures are about arithmetic, not data). Modes:
 ``fp32`` (ds_configs/zero3_fp32_cpu.json), ``fp16`` (ds_configs/zero3_fp16_v100.json: block
 scaling, DeepSpeed in fp32 mode, branches in fp16), ``bf16`` (ds_configs/zero3_bf16.json).
@@ -25,10 +25,10 @@ DS_CONFIGS = {"fp32": "zero3_fp32_cpu.json", "fp16": "zero3_fp16_v100.json", "bf
 
 
 def run_mode(mode: str, cfg, steps: int, warmup: int) -> dict:
-    from dalle_ds import precision
+    from dalle_ds.parallel import block_scaling as precision
     from dalle_ds.config import replace
-    from dalle_ds.engine import OptimSpec, build_engine, load_ds_config
-    from dalle_ds.prior import Prior, no_decay
+    from dalle_ds.parallel.engine import OptimSpec, build_engine, load_ds_config
+    from dalle_ds.models.prior import Prior, no_decay
 
     pcfg = replace(cfg.precision, allow_fp16_on_cpu=True)
     resolved_mode, ds = precision.resolve_ds_config(load_ds_config(ROOT / "ds_configs" / DS_CONFIGS[mode]), pcfg)
@@ -73,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from dalle_ds.config import load_config
-    from dalle_ds.dist import init_distributed
+    from dalle_ds.parallel.dist import init_distributed
 
     cfg = load_config(args.config)
     init_distributed()

@@ -6,7 +6,7 @@ Configs: ``tiny`` (the tiny preset: 4 layers, d 128, 32 text + 16x16 image token
 ``100M`` (the paper preset with 12 layers, d 768, 12 heads: 256 text + 32x32 image tokens, the paper's
 vocabularies, ~120M parameters; batch 4). Randomly initialised weights (speed does not depend on them).
 
-- ``cached``: prefill (text + SOI) and then one cached step per image token (``dalle_ds.kv_cache``);
+- ``cached``: prefill (text + SOI) and then one cached step per image token (``dalle_ds.models.kv_cache``);
   tokens/s = batch x tokens / seconds, prefill included; also the time per cached step alone.
 - ``uncached``: the whole stream recomputed for every token (``Prior.prefix_logits``, sparse
   attention), for a few tokens only (each costs a full forward); the speed-up is the ratio of the two
@@ -25,8 +25,8 @@ import torch
 
 from bench.harness import Recorder
 from dalle_ds.config import load_config, replace
-from dalle_ds.prior import Prior
-from dalle_ds.sampling import SamplingSettings, generate
+from dalle_ds.models.prior import Prior
+from dalle_ds.sampling.generate import SamplingSettings, generate
 
 
 def config(name: str):
@@ -86,8 +86,8 @@ def bench_prior(rec: Recorder, name: str, device: torch.device, dtype: torch.dty
 def bench_rerank(rec: Recorder, device: torch.device, n: int = 64) -> None:
     import tempfile
 
-    from dalle_ds.clip_rerank import ClipScorer, ProjectClipProcessor
-    from dalle_ds.dvae import DiscreteVAE
+    from dalle_ds.sampling.rerank import ClipScorer, ProjectClipProcessor
+    from dalle_ds.models.dvae import DiscreteVAE
     from dalle_ds.train_clip import MEAN, STD, build_clip
     from tests.eval_fixtures import train_tokenizer, write_image_shards
 
@@ -99,7 +99,7 @@ def bench_rerank(rec: Recorder, device: torch.device, n: int = 64) -> None:
         proc = ProjectClipProcessor(str(tok), 32, 64, MEAN, STD)
         scorer = ClipScorer(build_clip(proc), proc, device)
     images = torch.rand(n, 3, 64, 64, device=device)
-    from dalle_ds.clip_rerank import rerank
+    from dalle_ds.sampling.rerank import rerank
 
     rerank(scorer, images, "a red circle", 8)
     _sync(device)

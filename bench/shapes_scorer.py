@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from bench.harness import Recorder
-from dalle_ds import shapes_score as ss
+from dalle_ds.evaluation import shapes_scorer as ss
 from data_prep.make_shapes_corpus import make_corpus
 
 

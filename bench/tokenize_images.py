@@ -24,7 +24,7 @@ import torch
 
 from bench.harness import Recorder, timeit
 from dalle_ds.config import DVAEConfig, load_config
-from dalle_ds.dvae import DiscreteVAE, save_dvae
+from dalle_ds.models.dvae import DiscreteVAE, save_dvae
 from data_prep import tokenize_images as tok
 
 

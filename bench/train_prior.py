@@ -73,7 +73,7 @@ def _time_steps(step, warmup: int, steps: int) -> dict[str, list[float]]:
 def worker_plain(name: str, warmup: int, steps: int, per_rank: bool = False) -> dict:
     import torch
 
-    from dalle_ds.prior import Prior
+    from dalle_ds.models.prior import Prior
 
     cfg, batch = model_config(name)
     if per_rank:  # one rank's share of the batch, one rank's share of the threads
@@ -97,9 +97,9 @@ def worker_zero3(name: str, warmup: int, steps: int, ds_config: str | None = Non
 
     import torch
 
-    from dalle_ds.dist import init_distributed
-    from dalle_ds.engine import OptimSpec, build_engine
-    from dalle_ds.prior import Prior, no_decay
+    from dalle_ds.parallel.dist import init_distributed
+    from dalle_ds.parallel.engine import OptimSpec, build_engine
+    from dalle_ds.models.prior import Prior, no_decay
 
     warnings.filterwarnings("ignore", message=r".*is deprecated. Please use `torch\.distributed")
     info = init_distributed()
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     from bench.harness import Recorder, figure, latest
-    from dalle_ds.prior import Prior
+    from dalle_ds.models.prior import Prior
 
     threads = os.cpu_count() or 1
     peak = figure(latest("matmul_peak"), "fp32_gflops")

@@ -107,13 +107,13 @@ class DVAETrainConfig:
     eps: float = 1e-8
     weight_decay: float = 1e-4
     ema_decay: float = 0.999
-    # Not in the paper; the tiny preset needs them on its flat-colour corpus (dalle_ds/dvae_loss.py says why).
+    # Not in the paper; the tiny preset needs them on its flat-colour corpus (dalle_ds/models/dvae_loss.py says why).
     recon_loss: Literal["logit_laplace", "mse"] = "logit_laplace"
     mse_weight: float = 100.0  # recon_loss=mse: a Gaussian NLL with sigma^2 = 1 / (2 * mse_weight)
     marginal_kl_weight: float = 0.0  # extra weight on KL(batch-mean code distribution || uniform)
 
     def loss_spec(self):
-        from dalle_ds.dvae_loss import DVAELossSpec
+        from dalle_ds.models.dvae_loss import DVAELossSpec
 
         return DVAELossSpec(self.recon_loss, self.mse_weight, self.marginal_kl_weight)
 

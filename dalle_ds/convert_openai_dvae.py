@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from dalle_ds.config import DVAEConfig
-from dalle_ds.dvae import DiscreteVAE, Fp32Conv, save_dvae
+from dalle_ds.models.dvae import DiscreteVAE, Fp32Conv, save_dvae
 
 OPENAI_GROUPS = 4  # their layout always has 4 groups; group_count only sets post_gain
 

@@ -8,8 +8,8 @@ radius 1..8 applied to both sets, as in the paper), CLIP score, and the shapes c
 writes) or image shards. ``--reference``: image shards (or such a folder). References are
 centre-cropped to the samples' resolution so a blur radius means the same on both sets.
 Features come from the Inception TorchScript file when given, else the CLIP image encoder
-(``--clip``); the output names the extractor (see dalle_ds/metrics.py). The CLIP score needs
-``--clip``. The caption-match rate (dalle_ds.shapes_score) is reported when the samples' captions
+(``--clip``); the output names the extractor (see dalle_ds/evaluation/metrics.py). The CLIP score needs
+``--clip``. The caption-match rate (dalle_ds.evaluation.shapes_scorer) is reported when the samples' captions
 are shapes-corpus captions.
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dalle_ds import metrics
+from dalle_ds.evaluation import metrics
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -54,7 +54,7 @@ def load_images(spec: str, size: int | None, limit: int | None) -> tuple[torch.T
     """A folder of images + .txt captions, or image shards (centre crop to ``size``)."""
     if Path(spec).is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in Path(spec).rglob("*")):
         return load_folder(spec, size, limit)
-    from dalle_ds.data import ImageShardLoader
+    from dalle_ds.data.loaders import ImageShardLoader
 
     if size is None:
         raise ValueError(f"{spec}: image shards need an image size")
@@ -72,7 +72,7 @@ def load_images(spec: str, size: int | None, limit: int | None) -> tuple[torch.T
 
 def shapes_rates(images: torch.Tensor, captions: list[str]) -> dict[str, float] | None:
     """Caption-match rates when the captions are shapes-corpus captions, else None."""
-    from dalle_ds.shapes_score import attribute_rates
+    from dalle_ds.evaluation.shapes_scorer import attribute_rates
 
     rates = attribute_rates(list(images), captions)
     return rates if rates["understood"] > 0 else None
@@ -88,7 +88,7 @@ def evaluate(samples: torch.Tensor, captions: list[str], reference: torch.Tensor
         mean, std = metrics.inception_score(extractor, fake, is_splits)
         out["is"][str(r)] = {"mean": mean, "std": std}
     if scorer is not None:
-        from dalle_ds.clip_rerank import clip_score
+        from dalle_ds.sampling.rerank import clip_score
 
         out["clip_score"] = clip_score(scorer, samples, captions)
     rates = shapes_rates(samples, captions)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     reference, ref_captions = load_images(args.reference, size, args.max_images)
     scorer = None
     if args.clip:
-        from dalle_ds.clip_rerank import ClipScorer
+        from dalle_ds.sampling.rerank import ClipScorer
 
         scorer = ClipScorer.load(args.clip, args.device)
     extractor = metrics.load_extractor(args.inception_weights, scorer, labels=ref_captions, device=args.device)

@@ -17,7 +17,7 @@ Communication per optimizer step and GPU (payload, i.e. the tensor sizes handed 
   intra-node (ZeRO-3, each micro-batch): all-gather of fp16 params in forward and again in backward,
       reduce-scatter of fp16 grads: 3 x 2N x (g-1)/g sent per GPU per micro-batch.
   cross-node (once per step): exact = fp32 all-reduce of the GPU's shard (4N/g); PowerSGD = 16-bit
-      P (rows x r) and Q (cols x r) of each shard viewed as a (rows, cols) matrix (dalle_ds.powersgd),
+      P (rows x r) and Q (cols x r) of each shard viewed as a (rows, cols) matrix (dalle_ds.parallel.powersgd),
       plus fp32 exact parts. Ring all-reduce puts 2 (k-1)/k x payload on the wire (k nodes).
 Table 1 of the paper: compression of one d x 4d weight, 16-bit P and Q (r(d + 4d) x 2 bytes) against
 its fp32 gradient (4d^2 x 4 bytes): rate = 1 - 5r / (8d).
@@ -32,7 +32,7 @@ import sys
 from dataclasses import dataclass
 
 from dalle_ds.config import ConfigError, ModelConfig, load_config
-from dalle_ds.powersgd import FP32_BYTES, compressed_bytes, split_rows, worth_compressing, wire_bytes
+from dalle_ds.parallel.powersgd import FP32_BYTES, compressed_bytes, split_rows, worth_compressing, wire_bytes
 
 GiB = 1024**3
 GB = 1e9
@@ -58,7 +58,7 @@ class Matrix:
 
 
 def inventory(m: ModelConfig) -> list[Matrix]:
-    """Every parameter of dalle_ds.prior.Prior as (rows, cols) x count, named like the model's."""
+    """Every parameter of dalle_ds.models.prior.Prior as (rows, cols) x count, named like the model's."""
     d, r, L, g = m.d_model, m.mlp_ratio, m.n_layers, m.image_grid
     return [
         Matrix("embed.text_tok", m.text_vocab_size, d, 1, True),

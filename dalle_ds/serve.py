@@ -21,8 +21,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
-from dalle_ds.sample import Pipeline, grid_image
-from dalle_ds.sampling import SamplingSettings
+from dalle_ds.sampling.grids import grid_image
+from dalle_ds.sampling.pipeline import Pipeline
+from dalle_ds.sampling.generate import SamplingSettings
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>dalle-ds</title>

@@ -3,7 +3,7 @@
     deepspeed --num_gpus 2 dalle_ds/train.py --deepspeed_config ds_configs/zero3_fp32_cpu.json --config tiny
     torchrun --nproc_per_node 2 dalle_ds/train.py --deepspeed_config ds_configs/zero3_fp32_cpu.json \\
         --config tiny optim.max_steps=100 run.dir=runs/try
-    srun python dalle_ds/train.py ...            (dalle_ds.dist maps the SLURM variables)
+    srun python dalle_ds/train.py ...            (dalle_ds.parallel.dist maps the SLURM variables)
 
 Reads top to bottom: config -> dist -> data -> model -> engine -> loop. Resumes from
 ``<run.dir>/checkpoints/latest`` when present; SIGTERM/SIGUSR1 checkpoint and exit with code 75.
@@ -29,15 +29,15 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from dalle_ds.checkpoint import EXIT_CHECKPOINTED, Checkpointer, clear_run_markers, write_run_marker
+from dalle_ds.parallel.checkpoint import EXIT_CHECKPOINTED, Checkpointer, clear_run_markers, write_run_marker
 from dalle_ds.config import Config, ModelConfig, load_config
-from dalle_ds.dist import DistInfo, init_distributed, print0
-from dalle_ds.engine import Engine, OptimSpec, build_engine, load_ds_config
-from dalle_ds.lr_schedule import WarmupPlateauLR
+from dalle_ds.parallel.dist import DistInfo, init_distributed, print0
+from dalle_ds.parallel.engine import Engine, OptimSpec, build_engine, load_ds_config
+from dalle_ds.training.schedules import WarmupPlateauLR
 
 # Called every logging.image_every_steps as fn(step, engine) on every rank (ZeRO-3 parameters
 # are partitioned: gather them, e.g. with deepspeed.zero.GatheredParameters). Samples grids come
-# with dalle_ds/sampling.py; until then the list is empty.
+# with dalle_ds/sampling/generate.py; until then the list is empty.
 SampleHook = Callable[[int, Engine], None]
 
 
@@ -59,7 +59,7 @@ def seed_everything(seed: int) -> None:
 
 def model_flops_per_token(m: ModelConfig) -> float:
     """Training FLOPs per token of the prior (matmuls, attention over the allowed pairs only)."""
-    from dalle_ds.prior import Prior
+    from dalle_ds.models.prior import Prior
 
     return Prior.flops_per_sequence(m) / m.seq_len
 
@@ -155,10 +155,11 @@ def mean_over_ranks(values: list[float]) -> list[float]:
 
 def train(cfg: Config, ds_config_path: str, sample_hooks: list[SampleHook] | None = None) -> int:
     """The whole run; returns the process exit code (0, or 75 after a signal checkpoint)."""
-    from dalle_ds import hierarchical_zero, precision
-    from dalle_ds.data import TokenShardLoader, check_token_manifest
-    from dalle_ds.prior import Prior, no_decay
-    from dalle_ds.tokenizer import TextTokenizer
+    from dalle_ds.parallel import hierarchy as hierarchical_zero
+    from dalle_ds.parallel import block_scaling as precision
+    from dalle_ds.data.loaders import TokenShardLoader, check_token_manifest
+    from dalle_ds.models.prior import Prior, no_decay
+    from dalle_ds.data.tokenizer import TextTokenizer
 
     warnings.filterwarnings("ignore", message=r".*is deprecated. Please use `torch\.distributed")
     # -- dist
@@ -168,7 +169,7 @@ def train(cfg: Config, ds_config_path: str, sample_hooks: list[SampleHook] | Non
 
     # -- data
     m = cfg.model
-    from dalle_ds.dvae_io import dvae_hash
+    from dalle_ds.models.dvae_io import dvae_hash
 
     # refuse tokens made by another dVAE (hash) or for another grid / codebook
     check_token_manifest(cfg.data.token_shards, m.image_grid, m.image_vocab_size,
@@ -269,7 +270,7 @@ def train(cfg: Config, ds_config_path: str, sample_hooks: list[SampleHook] | Non
     if progress:
         progress.close()
     print0(f"train: done at step {step}; export with "
-           f"`python -m dalle_ds.checkpoint export {cfg.run.dir} {cfg.run.dir}/export`")
+           f"`python -m dalle_ds.export {cfg.run.dir} {cfg.run.dir}/export`")
     return 0
 
 

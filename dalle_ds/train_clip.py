@@ -8,7 +8,7 @@ A ``transformers.CLIPModel`` with a small ``CLIPConfig`` (ViT over ``--image-siz
 the symmetric contrastive loss on in-batch pairs; one process, plain torch (a few-million-parameter
 helper model: no DeepSpeed). Images come through ``ImageShardLoader(mode="eval")`` (centre crop,
 no flip: the captions say left and right). The folder is written with ``save_pretrained`` plus
-the offline processor (``dalle_ds_clip.json`` + ``tokenizer.json``, see dalle_ds/clip_rerank.py)
+the offline processor (``dalle_ds_clip.json`` + ``tokenizer.json``, see dalle_ds/sampling/rerank.py)
 and ``train_log.json``; ``ClipScorer.load(folder)`` reads it back.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dalle_ds.clip_rerank import ClipScorer, ProjectClipProcessor
+from dalle_ds.sampling.rerank import ClipScorer, ProjectClipProcessor
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from dalle_ds.data import ImageShardLoader
+    from dalle_ds.data.loaders import ImageShardLoader
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -5,7 +5,7 @@
         dvae_train.max_steps=500 run.dir=runs/dvae_try      # dotted overrides after the options
 
 Reads top to bottom: config -> dist -> data -> model + engine -> EMA, checkpoint, resume -> loop -> export.
-Per update: beta, tau and lr are cosine functions of the step (dalle_ds.schedules); the Gumbel
+Per update: beta, tau and lr are cosine functions of the step (dalle_ds.training.schedules); the Gumbel
 noise comes from a generator seeded by (seed, step, rank); the data position, the EMA and the
 DeepSpeed state are checkpointed, so a resumed run repeats the uninterrupted one exactly.
 Outputs in ``run.dir``: config.yaml + ds_config.json, checkpoints/, tb/ (TensorBoard),
@@ -30,16 +30,16 @@ import torch.distributed as torch_dist
 if __package__ in (None, ""):  # `deepspeed dalle_ds/train_dvae.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dalle_ds.checkpoint import EXIT_CHECKPOINTED, Checkpointer, clear_run_markers, write_run_marker  # noqa: E402
+from dalle_ds.parallel.checkpoint import EXIT_CHECKPOINTED, Checkpointer, clear_run_markers, write_run_marker  # noqa: E402
 from dalle_ds.config import Config, DVAETrainConfig, load_config  # noqa: E402
-from dalle_ds.data import ImageShardLoader  # noqa: E402
-from dalle_ds.dist import init_distributed, print0  # noqa: E402
-from dalle_ds.dvae import DiscreteVAE, save_dvae  # noqa: E402
-from dalle_ds.dvae_loss import mse_psnr  # noqa: E402
-from dalle_ds.ema import EMA  # noqa: E402
-from dalle_ds.engine import OptimSpec, build_engine  # noqa: E402
-from dalle_ds.eval_dvae import evaluate, reconstruction_grid, save_png  # noqa: E402
-from dalle_ds.schedules import DVAESchedule  # noqa: E402
+from dalle_ds.data.loaders import ImageShardLoader  # noqa: E402
+from dalle_ds.parallel.dist import init_distributed, print0  # noqa: E402
+from dalle_ds.models.dvae import DiscreteVAE, save_dvae  # noqa: E402
+from dalle_ds.models.dvae_loss import mse_psnr  # noqa: E402
+from dalle_ds.training.ema import EMA  # noqa: E402
+from dalle_ds.parallel.engine import OptimSpec, build_engine  # noqa: E402
+from dalle_ds.evaluation.reconstruction import evaluate_reconstruction, reconstruction_grid, save_png  # noqa: E402
+from dalle_ds.training.schedules import DVAESchedule  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -218,7 +218,7 @@ def log_images(writer, run_dir: Path, ema: EMA, eval_vae: DiscreteVAE, images: t
     if args.eval_shards:
         loader = ImageShardLoader(args.eval_shards, 64, mode="eval", size=cfg.data.image_size, rank=0,
                                   world_size=1, shuffle=False, infinite=False)
-        m = evaluate(eval_vae, loader, max_images=args.eval_images)
+        m = evaluate_reconstruction(eval_vae, loader, max_images=args.eval_images)
         m.pop("grid")
         m["step"] = step
         if writer:

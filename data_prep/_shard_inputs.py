@@ -26,7 +26,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from dalle_ds import storage
+from dalle_ds.data import storage
 from data_prep._shard_sample import Item
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "jfif", "ppm", "pgm")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from dalle_ds import storage
+from dalle_ds.data import storage
 
 # Every drop reason the job can report, in check order; the manifest lists all of them.
 DROP_REASONS = (

@@ -7,7 +7,7 @@ Each scene is a plain achromatic background (white, black, light grey) with one 
 Two shapes never overlap, have different colours and sit in one row (left/right of each other)
 or one column (above/below). The caption states the scene in one of several templates
 ("a small red circle above a large blue square", "a blue square", "a large green triangle on
-the left of a white background"). The vocabulary and the scorer live in dalle_ds/shapes_score.py.
+the left of a white background"). The vocabulary and the scorer live in dalle_ds/evaluation/shapes_scorer.py.
 
 Output (the folder-tree-with-.txt-captions layout the sharder reads):
     DIR/000000/000000123.png   the image (RGB)
@@ -35,7 +35,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dalle_ds.shapes_score import (  # noqa: E402
+from dalle_ds.evaluation.shapes_scorer import (  # noqa: E402
     BACKGROUNDS, COLUMNS, KINDS, PALETTE, POSITION_JITTER, POSITION_WORDS, RELATION_WORDS, ROWS, SIZE_JITTER,
     SIZE_WORDS, SIZES,
 )

@@ -51,7 +51,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from tqdm import tqdm  # noqa: E402
 
-from dalle_ds import storage  # noqa: E402
+from dalle_ds.data import storage  # noqa: E402
 from data_prep._shard_inputs import discover, fingerprint, iter_items, known_count  # noqa: E402
 from data_prep._shard_sample import (  # noqa: E402
     DROP_REASONS, Item, Outcome, SampleConfig, meta_bytes, process, process_batch,

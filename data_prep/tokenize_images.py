@@ -30,13 +30,13 @@ dVAE hash, image size and input list: a re-run with another dVAE or other inputs
 
 Manifest. Whichever process finds every input shard finished (re)builds ``manifest.json`` from
 the sidecars (the same bytes whoever writes it): ``grid_size``, ``codebook_size``, ``dvae_hash``
-(:func:`dalle_ds.dvae_io.dvae_hash`), ``shards`` [{name, samples}], drop counts, config.
+(:func:`dalle_ds.models.dvae_io.dvae_hash`), ``shards`` [{name, samples}], drop counts, config.
 ``--finalize`` does only that (and fails listing the unfinished shards). Prior training
-refuses token shards whose manifest disagrees (:func:`dalle_ds.data.check_token_manifest`).
+refuses token shards whose manifest disagrees (:func:`dalle_ds.data.loaders.check_token_manifest`).
 
 Verify. ``--verify K`` (rank 0 of part 0, after its shards): decodes K random finished samples
 from their stored codes and reports the PSNR against the preprocessed source images (MSE over
-all pixels, as ``dalle_ds.eval_dvae``), plus how many codes re-encoding reproduces.
+all pixels, as ``dalle_ds.evaluate_dvae``), plus how many codes re-encoding reproduces.
 """
 
 from __future__ import annotations
@@ -67,11 +67,11 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dalle_ds import storage  # noqa: E402
-from dalle_ds.augment import Augment  # noqa: E402
-from dalle_ds.data import IMAGE_EXTS, iter_shard  # noqa: E402
-from dalle_ds.dist import detect_launcher  # noqa: E402
-from dalle_ds.dvae_io import load_exported  # noqa: E402
+from dalle_ds.data import storage  # noqa: E402
+from dalle_ds.data.augment import Augment  # noqa: E402
+from dalle_ds.data.loaders import IMAGE_EXTS, iter_shard  # noqa: E402
+from dalle_ds.parallel.dist import detect_launcher  # noqa: E402
+from dalle_ds.models.dvae_io import load_exported  # noqa: E402
 from data_prep.shard_corpus import TAR_MTIME  # noqa: E402
 
 FORMAT = "dalle-ds/token-shards/1"
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--image-size {image_size}: not divisible by the dVAE's downsampling {vae.cfg.downsample}")
     grid = image_size // vae.cfg.downsample
     job = {"format": FORMAT, "dvae_hash": meta["dvae_hash"], "grid_size": grid, "codebook_size": vae.cfg.codebook_size,
-           "image_size": image_size, "preprocessing": "eval: centre square crop, resize (dalle_ds.augment)",
+           "image_size": image_size, "preprocessing": "eval: centre square crop, resize (dalle_ds.data.augment)",
            "inputs": hashlib.sha1("\n".join(names).encode()).hexdigest()}
     out = args.output.rstrip("/")
     claim_output(out, job)

@@ -28,8 +28,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dalle_ds import storage  # noqa: E402
-from dalle_ds.tokenizer import SPECIAL_TOKENS, TextTokenizer  # noqa: E402
+from dalle_ds.data import storage  # noqa: E402
+from dalle_ds.data.tokenizer import SPECIAL_TOKENS, TextTokenizer  # noqa: E402
 
 
 def iter_captions(urls: list[str], progress: bool = True) -> Iterator[str]:

@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED=1
 
 # torch.distributed rendezvous: the first node's address (NodeAddr, which also works for
 # nodes whose names do not resolve) and a port derived from the job id. DeepSpeed reads no
-# SLURM variables; dalle_ds.dist maps SLURM_PROCID/NTASKS/LOCALID to RANK/WORLD_SIZE/LOCAL_RANK.
+# SLURM variables; dalle_ds.parallel.dist maps SLURM_PROCID/NTASKS/LOCALID to RANK/WORLD_SIZE/LOCAL_RANK.
 first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show node "$first_node" | grep -oP 'NodeAddr=\K\S+' || echo "$first_node")}
 export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}

@@ -52,7 +52,7 @@ def tiny_dvae_config(**kw) -> DVAEConfig:
 
 
 def save_prior_export(prior, out: Path) -> Path:
-    """The format dalle_ds.checkpoint.export writes: model.safetensors + config.json (the model section)."""
+    """The format dalle_ds.parallel.checkpoint.export writes: model.safetensors + config.json (the model section)."""
     import dataclasses
 
     from safetensors.torch import save_file
@@ -65,8 +65,8 @@ def save_prior_export(prior, out: Path) -> Path:
 
 def make_exports(root: Path, grid: int = 4, text_len: int = 8, text_vocab: int = 320, seed: int = 0) -> tuple[Path, Path]:
     """A random tiny prior and dVAE (images of side 2 * grid) as export folders."""
-    from dalle_ds.dvae import DiscreteVAE, save_dvae
-    from dalle_ds.prior import Prior
+    from dalle_ds.models.dvae import DiscreteVAE, save_dvae
+    from dalle_ds.models.prior import Prior
 
     torch.manual_seed(seed)
     prior = Prior(tiny_model_config(image_grid=grid, text_len=text_len, text_vocab_size=text_vocab))

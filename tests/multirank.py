@@ -4,7 +4,7 @@
 
 ``my_fn`` must be importable (module level in a test file or a helper module). Each rank gets
 RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT as torchrun would set
-them, with ``node_size`` ranks per (fake) node; the function calls ``dalle_ds.dist.init_distributed``
+them, with ``node_size`` ranks per (fake) node; the function calls ``dalle_ds.parallel.dist.init_distributed``
 itself. A rank's exception is re-raised in the test with its traceback.
 """
 

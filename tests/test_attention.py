@@ -5,8 +5,8 @@ import warnings
 import pytest
 import torch
 
-from dalle_ds.attention import BlockSparseAttention, build_backend
-from dalle_ds.attention_masks import build_mask, image_pattern, stream_mask
+from dalle_ds.models.attention import BlockSparseAttention, build_backend
+from dalle_ds.models.masks import build_mask, image_pattern, stream_mask
 
 CASES = [  # kind, text_len, grid, conv kernel
     ("row", 5, 4, 3), ("column", 5, 4, 3), ("conv", 5, 4, 3),

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dalle_ds.attention_masks import build_mask, image_pattern, is_causal, layer_kinds
+from dalle_ds.models.masks import build_mask, image_pattern, is_causal, layer_kinds
 
 
 def enumerate_mask(kind: str, text_len: int, grid: int, kernel: int = 3, wraparound: bool = True) -> torch.Tensor:

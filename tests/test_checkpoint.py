@@ -1,4 +1,4 @@
-"""dalle_ds/checkpoint.py on 2 real gloo ranks with the real prior under ZeRO-3: save / resume with
+"""dalle_ds/parallel/checkpoint.py on 2 real gloo ranks with the real prior under ZeRO-3: save / resume with
 project state, a crash mid-save keeps the previous checkpoint, a signal on one rank makes every
 rank checkpoint at the same step, keep-last-K, and the safetensors export gives the live logits."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dalle_ds.checkpoint import Checkpointer, read_latest, tag_for
+from dalle_ds.parallel.checkpoint import Checkpointer, read_latest, tag_for
 from tests.multirank import run_ranks
 from tests.test_engine import ROOT, tiny_model_cfg
 
@@ -38,11 +38,11 @@ def _batch(step: int, rank: int, cfg):
 def _ckpt_rank(root: str, export_dir: str) -> dict:
     import dataclasses
 
-    from dalle_ds.checkpoint import export, load_export
-    from dalle_ds.dist import barrier, init_distributed
-    from dalle_ds.engine import OptimSpec, build_engine, gathered_state_dict
-    from dalle_ds.lr_schedule import WarmupPlateauLR
-    from dalle_ds.prior import Prior, no_decay
+    from dalle_ds.parallel.checkpoint import export, load_export
+    from dalle_ds.parallel.dist import barrier, init_distributed
+    from dalle_ds.parallel.engine import OptimSpec, build_engine, gathered_state_dict
+    from dalle_ds.training.schedules import WarmupPlateauLR
+    from dalle_ds.models.prior import Prior, no_decay
 
     info = init_distributed()
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from dalle_ds.clip_rerank import ClipScorer, ProjectClipProcessor, clip_score, rank, rerank
+from dalle_ds.sampling.rerank import ClipScorer, ProjectClipProcessor, clip_score, rank, rerank
 from dalle_ds.train_clip import MEAN, STD, build_clip, train
 from tests.eval_fixtures import train_tokenizer, write_image_shards
 

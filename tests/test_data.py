@@ -1,4 +1,4 @@
-"""dalle_ds.data / dalle_ds.augment: exactly-once split over ranks x workers, determinism, resume,
+"""dalle_ds.data.loaders / dalle_ds.data.augment: exactly-once split over ranks x workers, determinism, resume,
 augmentations, S3 reading, token shards and their manifest checks. Shards are written here with
 webdataset.TarWriter; the S3 server is the real one from tests/s3_server.py."""
 
@@ -16,9 +16,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from dalle_ds import storage
-from dalle_ds.augment import Augment
-from dalle_ds.data import (ImageShardLoader, ShardError, TokenShardLoader, check_token_manifest, epoch_order,
+from dalle_ds.data import storage
+from dalle_ds.data.augment import Augment
+from dalle_ds.data.loaders import (ImageShardLoader, ShardError, TokenShardLoader, check_token_manifest, epoch_order,
                            holdout_split, slot_plan)
 from tests.multirank import run_ranks
 
@@ -76,7 +76,7 @@ def write_token_shards(folder: Path, counts: list[int], grid: int = GRID, codebo
 def real_tokenizer(text_len: int = 32):
     """A tiny real TextTokenizer, trained here the way data_prep/train_text_tokenizer.py does."""
     from data_prep.train_text_tokenizer import build
-    from dalle_ds.tokenizer import TextTokenizer
+    from dalle_ds.data.tokenizer import TextTokenizer
 
     tok, trainer = build(vocab_size=300, min_frequency=1)
     tok.train_from_iterator([f"a photo of t{s:02d}i{i:03d}" for s in range(3) for i in range(8)], trainer)
@@ -166,7 +166,7 @@ def test_a_slot_that_never_gets_samples_is_an_error(tmp_path):
 
 
 def _rank_keys(shard_dir: str) -> list[str]:
-    from dalle_ds.dist import init_distributed
+    from dalle_ds.parallel.dist import init_distributed
 
     init_distributed()  # rank and world size come from torch.distributed
     loader = ImageShardLoader(shard_dir, batch_size=3, mode="eval", size=16, num_workers=2, infinite=False, seed=7)

@@ -1,7 +1,7 @@
 import torch
 import torch.distributed as dist
 
-from dalle_ds import dist as ddist
+from dalle_ds.parallel import dist as ddist
 from tests.multirank import RankFailed, run_ranks
 
 

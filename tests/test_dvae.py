@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from dalle_ds.config import DVAEConfig, DVAETrainConfig
-from dalle_ds.dvae import DiscreteVAE, load_dvae, save_dvae
-from dalle_ds.dvae_loss import (DVAELossSpec, codebook_usage, dvae_loss, gumbel_softmax, kl_to_uniform,
+from dalle_ds.models.dvae import DiscreteVAE, load_dvae, save_dvae
+from dalle_ds.models.dvae_loss import (DVAELossSpec, codebook_usage, dvae_loss, gumbel_softmax, kl_to_uniform,
                                 logit_laplace_nll, map_pixels, marginal_kl_to_uniform, mse_psnr, unmap_pixels)
-from dalle_ds.ema import EMA
-from dalle_ds.schedules import DVAESchedule, cosine
+from dalle_ds.training.ema import EMA
+from dalle_ds.training.schedules import DVAESchedule, cosine
 
 SMALL = DVAEConfig(channels=3, n_hid=8, n_blk_per_group=1, group_count=3, codebook_size=16, n_init=8)
 

@@ -86,7 +86,7 @@ def test_two_rank_training_falls_and_resumes_exactly(tmp_path):
     assert (run / "grids" / "step_00000006.png").is_file() and (run / "grids" / "step_00000012.png").is_file()
 
     # the EMA export evaluates from the command line
-    from dalle_ds.eval_dvae import main as eval_main
+    from dalle_ds.evaluate_dvae import main as eval_main
 
     metrics = eval_main(["--checkpoint", str(run / "export"), "--shards", shards, "--batch_size", "16",
                          "--grid", str(tmp_path / "grid.png")])

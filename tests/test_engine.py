@@ -1,4 +1,4 @@
-"""dalle_ds/engine.py and dalle_ds/lr_schedule.py: config merge and conflicts, parameter groups,
+"""dalle_ds/parallel/engine.py and dalle_ds/training/schedules.py: config merge and conflicts, parameter groups,
 the schedule, and (on 2 real gloo ranks) ZeRO-3 partitioning, gradients equal to a one-process
 reference, skip votes, falling loss and the resolved configs written by rank 0."""
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from dalle_ds.config import ConfigError, ModelConfig, load_config
-from dalle_ds.engine import YAML_OWNED_KEYS, OptimSpec, param_groups, resolve_ds_config
-from dalle_ds.lr_schedule import WarmupPlateauLR
+from dalle_ds.parallel.engine import YAML_OWNED_KEYS, OptimSpec, param_groups, resolve_ds_config
+from dalle_ds.training.schedules import WarmupPlateauLR
 from tests.multirank import run_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +63,7 @@ def test_shipped_configs_hold_no_yaml_owned_keys(name):
 
 
 def test_param_groups_follow_the_predicate():
-    from dalle_ds.prior import Prior, no_decay
+    from dalle_ds.models.prior import Prior, no_decay
 
     model = Prior(tiny_model_cfg())
     groups = {g["name"]: g for g in param_groups(model, 0.05, no_decay)}
@@ -137,9 +137,9 @@ def _zero3_rank(run_dir: str) -> dict:
     import torch.distributed as dist
 
     from dalle_ds.config import Config
-    from dalle_ds.dist import init_distributed
-    from dalle_ds.engine import build_engine, gathered_state_dict, named_full_grads
-    from dalle_ds.prior import Prior, no_decay
+    from dalle_ds.parallel.dist import init_distributed
+    from dalle_ds.parallel.engine import build_engine, gathered_state_dict, named_full_grads
+    from dalle_ds.models.prior import Prior, no_decay
 
     info = init_distributed()
     torch.manual_seed(0)

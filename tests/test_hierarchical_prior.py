@@ -1,4 +1,4 @@
-"""The tiny prior through dalle_ds.engine on 2 fake nodes x 2 gloo ranks: flat ZeRO-3 vs hierarchical
+"""The tiny prior through dalle_ds.parallel.engine on 2 fake nodes x 2 gloo ranks: flat ZeRO-3 vs hierarchical
 exact (equal), and hierarchical PowerSGD vs exact (loss within a stated margin after N steps)."""
 
 import dataclasses
@@ -21,9 +21,9 @@ def synthetic_batch(cfg, step, rank, batch=2):
 
 
 def _run(mode, cfg, steps):
-    from dalle_ds import hierarchical_zero
-    from dalle_ds.engine import OptimSpec, build_engine
-    from dalle_ds.prior import Prior, no_decay
+    from dalle_ds.parallel import hierarchy as hierarchical_zero
+    from dalle_ds.parallel.engine import OptimSpec, build_engine
+    from dalle_ds.models.prior import Prior, no_decay
 
     pcfg = dataclasses.replace(cfg.powersgd, enabled=mode == "powersgd", hierarchical=mode != "flat",
                                node_size=2, rank=32, min_compression_numel=1024)
@@ -47,7 +47,7 @@ def _run(mode, cfg, steps):
 
 def _prior_modes():
     from dalle_ds.config import load_config
-    from dalle_ds.dist import init_distributed
+    from dalle_ds.parallel.dist import init_distributed
 
     init_distributed()
     cfg = load_config("tiny", ["model.attention=dense"])

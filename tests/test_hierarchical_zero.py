@@ -50,7 +50,7 @@ def build(mode, node_size=2, rank=8, gas=2, bucket=1500, lr=3e-3):
     """mode: flat | exact | powersgd. Returns (engine, hierarchy or None)."""
     import deepspeed
 
-    from dalle_ds import hierarchical_zero
+    from dalle_ds.parallel import hierarchy as hierarchical_zero
     from dalle_ds.config import PowerSGDConfig, replace
 
     hier, init_kwargs = None, {}
@@ -122,8 +122,9 @@ def expected_cross_bytes(model, node_size, local, rank, min_numel, exact_fn):
 
 
 def _all_modes(ckpt_dir):
-    from dalle_ds import hierarchical_zero, powersgd
-    from dalle_ds.dist import init_distributed
+    from dalle_ds.parallel import hierarchy as hierarchical_zero
+    from dalle_ds.parallel import powersgd
+    from dalle_ds.parallel.dist import init_distributed
 
     info = init_distributed()
     out = {}

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dalle_ds import metrics
+from dalle_ds.evaluation import metrics
 
 
 def _gaussian(n=400, d=6, seed=0):
@@ -118,7 +118,7 @@ def test_inception_extractor_from_a_local_torchscript_file(tmp_path):
 
 def test_evaluate_cli_on_a_folder_against_shards(tmp_path):
     from dalle_ds import evaluate
-    from dalle_ds.sample import to_pil
+    from dalle_ds.sampling.grids import to_pil
     from tests.eval_fixtures import write_image_shards
 
     captions = write_image_shards(tmp_path / "ref", 24, size=32)

@@ -4,7 +4,7 @@ import pytest
 
 from dalle_ds import plan
 from dalle_ds.config import ConfigError, load_config
-from dalle_ds.prior import Prior
+from dalle_ds.models.prior import Prior
 
 D = 3968
 

@@ -8,7 +8,7 @@ import torch
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_psgd
 
 from dalle_ds.config import PowerSGDConfig, replace
-from dalle_ds.powersgd import (ExactAverager, PowerSGD, Shard, orthogonalize, split_rows, to_comm,
+from dalle_ds.parallel.powersgd import (ExactAverager, PowerSGD, Shard, orthogonalize, split_rows, to_comm,
                                worth_compressing)
 
 

@@ -1,4 +1,4 @@
-"""fp16 per-resblock gradient scaling (dalle_ds/precision.py): the paper's motivation, the overflow
+"""fp16 per-resblock gradient scaling (dalle_ds/parallel/block_scaling.py): the paper's motivation, the overflow
 filter, the scale update rule and the DeepSpeed precision modes. One process, tiny shapes."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dalle_ds import precision
+from dalle_ds.parallel import block_scaling as precision
 from dalle_ds.config import ConfigError, PrecisionConfig
 
 
 # ---------------------------------------------------------------- a deep tiny residual model
-# Same convention as dalle_ds/prior.py: h = h + branch_fn(branch, h, idx), idx 2*layer / 2*layer+1.
+# Same convention as dalle_ds/models/prior.py: h = h + branch_fn(branch, h, idx), idx 2*layer / 2*layer+1.
 
 
 class _GradBoost(torch.autograd.Function):

@@ -1,4 +1,4 @@
-"""fp16 block scaling on 2 real gloo ranks through dalle_ds.engine (DeepSpeed ZeRO-3): the tiny
+"""fp16 block scaling on 2 real gloo ranks through dalle_ds.parallel.engine (DeepSpeed ZeRO-3): the tiny
 prior's loss tracks the fp32 run, and an overflow on one rank skips the update on both."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ LOSS_TOL = 1e-3  # |loss_fp16 - loss_fp32| at every step (measured ~5e-5 here)
 
 
 def _train(mode_name: str, steps: int, induce_overflow: bool) -> dict:
-    from dalle_ds import precision
+    from dalle_ds.parallel import block_scaling as precision
     from dalle_ds.config import ModelConfig, OptimConfig, PrecisionConfig
-    from dalle_ds.engine import OptimSpec, build_engine, gathered_state_dict
-    from dalle_ds.prior import Prior, no_decay
+    from dalle_ds.parallel.engine import OptimSpec, build_engine, gathered_state_dict
+    from dalle_ds.models.prior import Prior, no_decay
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     mcfg = ModelConfig(n_layers=2, n_heads=2, d_model=32, text_len=8, text_vocab_size=64, image_grid=4,
@@ -64,7 +64,7 @@ def _train(mode_name: str, steps: int, induce_overflow: bool) -> dict:
 
 
 def _both_runs() -> dict:
-    from dalle_ds.dist import init_distributed
+    from dalle_ds.parallel.dist import init_distributed
 
     init_distributed()
     fp32 = _train("fp32", STEPS, induce_overflow=False)

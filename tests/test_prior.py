@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dalle_ds.config import ModelConfig, load_config, replace
-from dalle_ds.prior import PAD_ID, Prior, keep_fp32, no_decay
+from dalle_ds.models.prior import PAD_ID, Prior, keep_fp32, no_decay
 
 SMALL = ModelConfig(n_layers=3, n_heads=2, d_model=16, mlp_ratio=2, text_len=6, text_vocab_size=30, image_grid=4,
                     image_vocab_size=20, conv_kernel=3, attention="sparse", activation_checkpointing=False)

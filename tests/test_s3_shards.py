@@ -16,8 +16,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from dalle_ds import storage
-from dalle_ds.tokenizer import TextTokenizer
+from dalle_ds.data import storage
+from dalle_ds.data.tokenizer import TextTokenizer
 from data_prep import shard_corpus, train_text_tokenizer
 from tests.s3_server import ACCESS_KEY, SECRET_KEY
 from tests.test_shard_corpus import SMALL, _jpeg, make_corpus

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from dalle_ds.kv_cache import CachedDecoder
-from dalle_ds.prior import Prior
-from dalle_ds.sampling import SamplingSettings, default_prompt_rows, filter_logits, generate
+from dalle_ds.models.kv_cache import CachedDecoder
+from dalle_ds.models.prior import Prior
+from dalle_ds.sampling.generate import SamplingSettings, default_prompt_rows, filter_logits, generate
 from tests.eval_fixtures import make_exports, tiny_model_config
 
 
@@ -114,7 +114,8 @@ def test_sample_cli_writes_grid_json_and_completion(tmp_path):
     from PIL import Image
 
     from dalle_ds import sample
-    from dalle_ds.dvae import load_dvae
+    from dalle_ds.sampling import grids, pipeline
+    from dalle_ds.models.dvae import load_dvae
     from tests.eval_fixtures import train_tokenizer, write_image_shards
 
     write_image_shards(tmp_path / "shards", 64, size=16)
@@ -134,21 +135,21 @@ def test_sample_cli_writes_grid_json_and_completion(tmp_path):
 
     # completion: the prompt image's top rows survive into every sample's codes
     img = torch.rand(3, 16, 16)
-    sample.to_pil(img).save(tmp_path / "prompt.png")
+    grids.to_pil(img).save(tmp_path / "prompt.png")
     out2 = tmp_path / "out2"
     sample.main(["--checkpoint", str(prior_dir), "--dvae", str(dvae_dir), "--tokenizer", str(tok),
                  "--prompt", "a red circle", "-n", "2", "--keep", "2", "--image-prompt", str(tmp_path / "prompt.png"),
                  "--prompt-rows", "3", "--out", str(out2), "--device", "cpu"])
     vae = load_dvae(str(dvae_dir))
-    want = vae.encode(sample.load_image(str(tmp_path / "prompt.png"), 16)).reshape(1, -1)[:, :24]
-    pipe = sample.Pipeline(str(prior_dir), str(dvae_dir), str(tok))
+    want = vae.encode(grids.load_image(str(tmp_path / "prompt.png"), 16)).reshape(1, -1)[:, :24]
+    pipe = pipeline.Pipeline(str(prior_dir), str(dvae_dir), str(tok))
     r = pipe.sample("a red circle", 2, 2, 0, SamplingSettings(), pipe.prompt_codes(str(tmp_path / "prompt.png"), 3))
     assert torch.equal(r["codes"][:, :24], want.expand(2, -1))
     assert json.loads((out2 / "samples.json").read_text())["prompt_rows"] == 3
 
 
 def test_demo_eval_prints_caption_match_with_and_without_reranking(tmp_path, capsys):
-    from dalle_ds import demo_eval
+    from dalle_ds import evaluate_captions as demo_eval
     from tests.eval_fixtures import train_tokenizer, write_image_shards
 
     write_image_shards(tmp_path / "shards", 32, size=16)

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from dalle_ds.sample import Pipeline
+from dalle_ds.sampling.pipeline import Pipeline
 from dalle_ds.serve import App, make_server
 from tests.eval_fixtures import make_exports, train_tokenizer, write_image_shards
 

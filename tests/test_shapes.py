@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from bench.shapes_scorer import blur_noise, jpeg
-from dalle_ds import shapes_score as ss
+from dalle_ds.evaluation import shapes_scorer as ss
 from data_prep import make_shapes_corpus as msc
 
 N_SCORED = 300  # corpus images scored per condition

@@ -3,7 +3,7 @@ import json
 import pytest
 import webdataset as wds
 
-from dalle_ds import storage
+from dalle_ds.data import storage
 
 
 def _make(tmp_path, names):

@@ -1,7 +1,7 @@
 """data_prep/tokenize_images.py: token format round trip, manifest and the trainer-side refusal,
 rank / array-task splits, resume after kill -9, --verify PSNR, bad input, S3 on both sides.
 
-The dVAE is a tiny randomly initialised DiscreteVAE exported with dalle_ds.dvae.save_dvae; image
+The dVAE is a tiny randomly initialised DiscreteVAE exported with dalle_ds.models.dvae.save_dvae; image
 shards are real webdataset tars with one corrupt JPEG and one sample without a caption; the S3
 store and the SLURM cluster (for slurm/tokenize_images.sh as a job array) are real local servers."""
 
@@ -24,12 +24,12 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from dalle_ds import storage
-from dalle_ds.augment import Augment
+from dalle_ds.data import storage
+from dalle_ds.data.augment import Augment
 from dalle_ds.config import DVAEConfig
-from dalle_ds.data import TokenShardLoader, check_token_manifest, iter_shard
-from dalle_ds.dvae import DiscreteVAE, load_dvae, save_dvae
-from dalle_ds.dvae_io import dvae_hash, load_exported
+from dalle_ds.data.loaders import TokenShardLoader, check_token_manifest, iter_shard
+from dalle_ds.models.dvae import DiscreteVAE, load_dvae, save_dvae
+from dalle_ds.models.dvae_io import dvae_hash, load_exported
 from data_prep import tokenize_images as tok
 from tests.multirank import run_ranks
 from tests.slurm_cluster import slurm_cluster  # noqa: F401 - fixture
@@ -188,9 +188,9 @@ def test_verify_psnr_equals_direct_reconstruction(corpus):
     assert v["psnr"] == pytest.approx(10 * math.log10(1 / mse), abs=1e-6)
     assert v["code_agreement"] == 1.0
     # the dVAE's own evaluation on the same images agrees (float32 sums: looser)
-    from dalle_ds.eval_dvae import evaluate
+    from dalle_ds.evaluation.reconstruction import evaluate_reconstruction
 
-    assert evaluate(vae, [{"images": x}])["psnr"] == pytest.approx(v["psnr"], abs=1e-3)
+    assert evaluate_reconstruction(vae, [{"images": x}])["psnr"] == pytest.approx(v["psnr"], abs=1e-3)
     # --finalize --verify on the finished output: same samples for the same seed
     again = run(corpus["export"], corpus["shards"], corpus["tokens"], "--finalize", "--verify", "7")
     assert again["verify"]["keys"] == v["keys"] and again["verify"]["psnr"] == pytest.approx(v["psnr"], abs=1e-9)

@@ -10,7 +10,7 @@ import tarfile
 import pytest
 import torch
 
-from dalle_ds.tokenizer import TextTokenizer
+from dalle_ds.data.tokenizer import TextTokenizer
 from data_prep import train_text_tokenizer
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]

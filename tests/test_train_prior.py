@@ -112,9 +112,9 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def test_tiny_prior_trains_resumes_exactly_and_stops_on_sigterm(corpus, tmp_path):
-    from dalle_ds.checkpoint import export, load_export, read_latest
+    from dalle_ds.parallel.checkpoint import export, load_export, read_latest
     from dalle_ds.config import ModelConfig
-    from dalle_ds.prior import Prior
+    from dalle_ds.models.prior import Prior
 
     # A: uninterrupted reference run of 10 updates
     run_a = tmp_path / "a"

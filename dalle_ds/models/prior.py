@@ -4,7 +4,7 @@
     text_logits, image_logits = prior(text, codes)  # (B, T, Vt), (B, N, Vi), fp32
     loss, parts = prior.loss(text, codes)           # parts: {"text_loss", "image_loss"}
 
-Stream (see dalle_ds.attention_masks): inputs ``[text_0..text_{T-1}, SOI, img_0..img_{N-2}]``.
+Stream (see dalle_ds.models.masks): inputs ``[text_0..text_{T-1}, SOI, img_0..img_{N-2}]``.
 ``text_logits[:, t]`` is the prediction made at text position t, i.e. of ``text[:, t+1]``; the
 last row (t = T-1, followed by SOI) has no target and is left out of the loss.
 ``image_logits[:, j]`` predicts ``codes[:, j]``. Text padding (id 0) is not masked: a padded
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from dalle_ds.attention import AttentionBackend, build_backend
-from dalle_ds.attention_masks import layer_kinds
+from dalle_ds.models.attention import AttentionBackend, build_backend
+from dalle_ds.models.masks import layer_kinds
 from dalle_ds.config import ModelConfig
 
 PAD_ID = 0  # the tokenizer's [PAD]; such text positions take the per-position padding embedding
@@ -243,7 +243,7 @@ class Prior(nn.Module):
         attention scores + weighted sum over the allowed (query, key) pairs of each layer's mask
         (``dense_attention``: over all S x S pairs, what the dense reference actually computes).
         """
-        from dalle_ds.attention_masks import build_mask
+        from dalle_ds.models.masks import build_mask
 
         d, s = cfg.d_model, cfg.seq_len
         per_token = cfg.n_layers * 2 * (4 + 2 * cfg.mlp_ratio) * d * d

@@ -3,12 +3,12 @@
     vae, meta = load_exported("s3://bucket/runs/dvae/export")   # eval mode, EMA weights as exported
     h = dvae_hash("runs/dvae/export")                            # sha256 of model.safetensors
 
-An export is the folder :func:`dalle_ds.dvae.save_dvae` writes: ``model.safetensors`` (the EMA
+An export is the folder :func:`dalle_ds.models.dvae.save_dvae` writes: ``model.safetensors`` (the EMA
 weights for ``train_dvae`` exports) and ``config.json`` (``dvae`` config, ``weights_sha256``,
 ``image_size``...). The token manifest's ``dvae_hash`` is :func:`dvae_hash` of the export used to
 make the tokens, i.e. the sha256 hex digest of the weights file's bytes, the same value as
 ``config.json``'s ``weights_sha256``; prior training and sampling compare it with their own dVAE
-(``dalle_ds.data.check_token_manifest(..., expected_dvae_hash=dvae_hash(path))``).
+(``dalle_ds.data.loaders.check_token_manifest(..., expected_dvae_hash=dvae_hash(path))``).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import os
 import tempfile
 from typing import Any
 
-from dalle_ds import storage
-from dalle_ds.dvae import EXPORT_CONFIG, EXPORT_WEIGHTS, DiscreteVAE, load_dvae
+from dalle_ds.data import storage
+from dalle_ds.models.dvae import EXPORT_CONFIG, EXPORT_WEIGHTS, DiscreteVAE, load_dvae
 
 
 def _weights_url(path: str) -> str:

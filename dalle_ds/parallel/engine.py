@@ -24,7 +24,7 @@ Extension points (other modules plug in here; the engine knows nothing of them):
   ``Engine.after_step``: callables ``fn(engine, applied: bool)``. ``Engine.engine_step(loss, skip)``
   is backward + step with an explicit skip vote (e.g. the fp16 block scaler's overflow).
 * fp16: DeepSpeed's own loss scale is kept static at 1 (``"fp16": {"loss_scale": 1.0}``), leaving
-  scaling to the model (dalle_ds/precision.py); an explicit other loss_scale is a conflict.
+  scaling to the model (dalle_ds/parallel/block_scaling.py); an explicit other loss_scale is a conflict.
   DeepSpeed still skips updates whose gradient norm is not finite.
 
 On CPU the shared-memory comm op DeepSpeed JIT-compiles at ``init_distributed`` (~30-40 s the
@@ -47,15 +47,15 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from dalle_ds.config import ConfigError, OptimConfig
-from dalle_ds.dist import get_rank, print0
+from dalle_ds.parallel.dist import get_rank, print0
 
 # What the YAML owns, and where it lives there (the error message points the user to it).
 YAML_OWNED_KEYS: dict[str, str] = {
     "train_batch_size": "derived: optim.micro_batch_size x optim.grad_accum_steps x ranks",
     "train_micro_batch_size_per_gpu": "optim.micro_batch_size",
     "gradient_accumulation_steps": "optim.grad_accum_steps",
-    "optimizer": "optim (AdamW built by dalle_ds.engine)",
-    "scheduler": "optim (dalle_ds.lr_schedule)",
+    "optimizer": "optim (AdamW built by dalle_ds.parallel.engine)",
+    "scheduler": "optim (dalle_ds.training.schedules)",
     "gradient_clipping": "optim.grad_clip (applied during warm-up only)",
 }
 
@@ -246,7 +246,7 @@ class Engine:
 
             opt.step = step
 
-    # -- schedule knobs (the YAML owns them; lr_schedule decides the values)
+    # -- schedule knobs (the YAML owns them; the schedule decides the values)
     def set_lr(self, lr: float) -> None:
         for group in self.ds.optimizer.param_groups:
             group["lr"] = lr
@@ -318,7 +318,7 @@ def build_engine(model_factory: Callable[[], nn.Module], ds_config: str | Path |
     """
     deepspeed = import_deepspeed()
     if not torch_dist.is_initialized():
-        raise RuntimeError("build_engine: call dalle_ds.dist.init_distributed() first")
+        raise RuntimeError("build_engine: call dalle_ds.parallel.dist.init_distributed() first")
     deepspeed.init_distributed(dist_backend=torch_dist.get_backend())
     source = str(ds_config) if not isinstance(ds_config, dict) else "<dict>"
     static = ds_config if isinstance(ds_config, dict) else load_ds_config(ds_config)

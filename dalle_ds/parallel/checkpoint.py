@@ -45,12 +45,12 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from dalle_ds.dist import barrier, get_rank, print0
+from dalle_ds.parallel.dist import barrier, get_rank, print0
 
 EXIT_CHECKPOINTED = 75  # EX_TEMPFAIL: stopped by a signal after a complete checkpoint; requeue me
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 RUN_MARKERS = ("COMPLETED", "REQUEUE")  # read by slurm/lib.sh to decide: done, or requeue and resume
-ENTRY_PREFIX = "model."  # dalle_ds.engine.EntryPoint names parameters model.*
+ENTRY_PREFIX = "model."  # dalle_ds.parallel.engine.EntryPoint names parameters model.*
 
 
 def write_run_marker(run_dir: str | Path, name: str, step: int) -> None:
@@ -267,27 +267,5 @@ def load_export(out_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     out = Path(out_dir)
     for name in ("model.safetensors", "config.json"):
         if not (out / name).is_file():
-            raise FileNotFoundError(f"{out / name}: missing (write it with dalle_ds.checkpoint.export)")
+            raise FileNotFoundError(f"{out / name}: missing (write it with `python -m dalle_ds.export RUN_DIR OUT_DIR`)")
     return load_file(str(out / "model.safetensors")), json.loads((out / "config.json").read_text())
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m dalle_ds.checkpoint export RUN_DIR OUT_DIR [--tag step_...]``"""
-    import argparse
-
-    import yaml
-
-    p = argparse.ArgumentParser(description=main.__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export", help="consolidated safetensors + config.json from a run folder")
-    e.add_argument("run_dir")
-    e.add_argument("out_dir")
-    e.add_argument("--tag", default=None)
-    args = p.parse_args(argv)
-    run_cfg = yaml.safe_load((Path(args.run_dir) / "config.yaml").read_text())
-    out = export(Path(args.run_dir) / "checkpoints", args.out_dir, run_cfg["model"], args.tag)
-    print(f"exported {out / 'model.safetensors'} and {out / 'config.json'}")
-
-
-if __name__ == "__main__":
-    main()

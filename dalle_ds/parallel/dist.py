@@ -185,7 +185,7 @@ def destroy() -> None:
         torch_dist.destroy_process_group()
 
 
-if __name__ == "__main__":  # `python -m dalle_ds.dist`: show what this process would see
+if __name__ == "__main__":  # `python -m dalle_ds.parallel.dist`: show what this process would see
     info = init_distributed()
     print(f"rank {info.rank}/{info.world_size} local {info.local_rank}/{info.local_world_size} "
           f"via {info.launcher} master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",

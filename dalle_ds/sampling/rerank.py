@@ -10,7 +10,7 @@ Two kinds of folder, both loaded with ``transformers.CLIPModel.from_pretrained(l
   files): text and images go through its ``CLIPProcessor`` (also ``local_files_only``);
 - the project's own small CLIP (``dalle_ds/train_clip.py``): the folder also holds
   ``dalle_ds_clip.json`` and ``tokenizer.json``. Text goes through the project's BPE
-  :class:`~dalle_ds.tokenizer.TextTokenizer` (the prior's tokenizer, copied into the folder), truncated
+  :class:`~dalle_ds.data.tokenizer.TextTokenizer` (the prior's tokenizer, copied into the folder), truncated
   to ``context_length - 1`` tokens so every row ends in at least one ``[PAD]`` (id 0). The CLIP text
   config sets ``eos_token_id = 0``, so the text model pools the first ``[PAD]`` (the position right
   after the caption, which under the causal mask has seen all of it). Images are resized
@@ -44,7 +44,7 @@ class ProjectClipProcessor:
 
     def __init__(self, tokenizer_file: str, context_length: int, image_size: int,
                  mean: tuple[float, float, float], std: tuple[float, float, float]):
-        from dalle_ds.tokenizer import TextTokenizer
+        from dalle_ds.data.tokenizer import TextTokenizer
 
         if context_length < 2:
             raise ValueError(f"context_length={context_length}: must be >= 2 (caption + one [PAD])")

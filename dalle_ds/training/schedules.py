@@ -1,4 +1,11 @@
-"""Learning rate: linear warm-up, then halve whenever the training loss plateaus (paper App. B.2).
+"""Schedules as small objects of the update step: the dVAE's cosines (paper App. A.2) and the
+prior's warm-up + plateau-halving learning rate (paper App. B.2).
+
+dVAE: ``cosine(step, start, end, steps)`` moves from ``start`` at step 0 to ``end`` at ``steps`` along
+half a cosine and stays at ``end`` afterwards. Nothing is stored, so resuming at step s gives
+exactly the values an uninterrupted run had at step s.
+
+Prior:
 
     sched = WarmupPlateauLR.from_optim(cfg.optim)
     engine.set_lr(sched.lr); engine.set_grad_clip(sched.grad_clip)   # before each update
@@ -18,10 +25,39 @@ before each update (``Engine.set_grad_clip``); the JSON must not set ``gradient_
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
-from dalle_ds.config import OptimConfig
+from dalle_ds.config import DVAETrainConfig, OptimConfig
 
+
+def cosine(step: int, start: float, end: float, steps: int) -> float:
+    if step < 0:
+        raise ValueError(f"step={step}: must be >= 0")
+    if steps < 1:
+        raise ValueError(f"steps={steps}: must be >= 1")
+    t = min(step, steps) / steps
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+@dataclass(frozen=True)
+class DVAESchedule:
+    """beta 0 -> kl_weight_max, tau tau_start -> tau_end, lr lr_start -> lr_end (all cosine)."""
+
+    cfg: DVAETrainConfig
+
+    def beta(self, step: int) -> float:
+        return cosine(step, 0.0, self.cfg.kl_weight_max, self.cfg.kl_weight_steps)
+
+    def tau(self, step: int) -> float:
+        return cosine(step, self.cfg.tau_start, self.cfg.tau_end, self.cfg.tau_steps)
+
+    def lr(self, step: int) -> float:
+        return cosine(step, self.cfg.lr_start, self.cfg.lr_end, self.cfg.lr_steps)
+
+    def __call__(self, step: int) -> dict[str, float]:
+        return {"beta": self.beta(step), "tau": self.tau(step), "lr": self.lr(step)}
 
 class WarmupPlateauLR:
     def __init__(self, lr: float, warmup_steps: int, patience: int, threshold: float = 1e-3,

@@ -8,7 +8,7 @@
     tokens = TokenShardLoader(spec, batch_size=8, tokenizer=tok, grid=32, codebook_size=8192)
     # {"text": (B,text_len) int64, "codes": (B,grid*grid) int64, "captions", "keys"}
 
-Shards are anything :func:`dalle_ds.storage.expand_urls` accepts (paths, brace ranges, globs,
+Shards are anything :func:`dalle_ds.data.storage.expand_urls` accepts (paths, brace ranges, globs,
 directories, ``s3://`` prefixes); tar streams are opened with webdataset's ``gopen`` (storage
 registers the s3 scheme) and grouped into samples with webdataset's tar iterators.
 
@@ -68,8 +68,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from dalle_ds import storage
-from dalle_ds.augment import Augment
+from dalle_ds.data import storage
+from dalle_ds.data.augment import Augment
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_EMPTY_EPOCHS = 16
@@ -325,7 +325,7 @@ class ImageShardLoader(ShardLoader):
     """Image shards -> ``{"images": (B,3,size,size) float in [0,1], "captions", "keys"}``.
 
     ``mode``: "dvae" (Listing 1), "prior" (Listing 2) or "eval" (deterministic centre crop), see
-    :mod:`dalle_ds.augment`. Workers send uint8 images; the float conversion happens in the caller.
+    :mod:`dalle_ds.data.augment`. Workers send uint8 images; the float conversion happens in the caller.
     """
 
     def __init__(self, shards: str | list[str], batch_size: int, *, mode: str = "dvae", size: int = 256, **kw):
@@ -361,7 +361,7 @@ class TokenShardLoader(ShardLoader):
     """Token shards -> ``{"text": (B,text_len) int64, "codes": (B,grid*grid) int64, "captions", "keys"}``.
 
     ``tokenizer`` is anything with ``encode(captions, dropout=...) -> LongTensor (B, text_len)``
-    (``dalle_ds.tokenizer.TextTokenizer``); text is tokenized in the workers with BPE dropout
+    (``dalle_ds.data.tokenizer.TextTokenizer``); text is tokenized in the workers with BPE dropout
     ``bpe_dropout``. Codes are checked: grid*grid of them, each < ``codebook_size``.
     """
 

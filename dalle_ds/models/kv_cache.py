@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dalle_ds.prior import Prior
+from dalle_ds.models.prior import Prior
 
 
 class CachedDecoder:

@@ -15,7 +15,7 @@ Extractors (nothing is downloaded; ``name`` says which one produced a number):
   pool features; ``model(x, no_output_bias=True)`` -> (B, 1008) class probabilities; ``x`` float
   (B, 3, H, W) in [0, 255] (the network resizes to 299 itself).
 - ``ClipExtractor(scorer, labels)``: the CLIP image encoder (a Hugging Face CLIP folder or the
-  project's own, dalle_ds/clip_rerank.py). Features are the projected image embeddings; for IS the
+  project's own, dalle_ds/sampling/rerank.py). Features are the projected image embeddings; for IS the
   class probabilities are CLIP's zero-shot softmax over ``labels`` (by default the distinct
   reference captions). Numbers from different extractors are not comparable.
 """

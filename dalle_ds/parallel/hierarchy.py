@@ -8,7 +8,7 @@ The paper's scheme (App. E) on DeepSpeed 0.19.8, which has no gradient-communica
    then calls ``DeepSpeedZeroOptimizer_Stage3.partition_grads`` to accumulate the shard into its
    grad buffer. ``install()`` wraps that method: at the gradient-accumulation boundary the
    accumulated shard buffers of the bucket are averaged over the ``cross`` group (the ranks with
-   the same local index on the other nodes) by an averager from ``dalle_ds.powersgd``, which also
+   the same local index on the other nodes) by an averager from ``dalle_ds.parallel.powersgd``, which also
    divides by the number of nodes, so the shard holds the global mean, as with flat ZeRO-3.
 3. Gradient norms, clipping and overflow checks in DeepSpeed reduce over the parameter's partition
    group (the node); every node holds the same averaged shards, so they see the global values.
@@ -29,8 +29,8 @@ from typing import Any, Callable
 import torch
 
 from dalle_ds.config import PowerSGDConfig
-from dalle_ds.dist import NodeGroups, build_node_groups
-from dalle_ds.powersgd import ExactAverager, PowerSGD, Shard, build_averager
+from dalle_ds.parallel.dist import NodeGroups, build_node_groups
+from dalle_ds.parallel.powersgd import ExactAverager, PowerSGD, Shard, build_averager
 
 _EXACT_NAME = re.compile(r"(emb|logits|unembed|pad|pos_|norm|ln_|gain|bias)", re.IGNORECASE)
 
@@ -38,7 +38,7 @@ _EXACT_NAME = re.compile(r"(emb|logits|unembed|pad|pos_|norm|ln_|gain|bias)", re
 def default_exact(name: str, param: torch.nn.Parameter) -> bool:
     """Embeddings, unembeddings, gains and biases: averaged exactly in fp32, never compressed."""
     shape = getattr(param, "ds_shape", param.shape)
-    from dalle_ds.prior import keep_fp32  # the prior names its parameters so these are identifiable
+    from dalle_ds.models.prior import keep_fp32  # the prior names its parameters so these are identifiable
 
     return keep_fp32(name, param) or len(shape) < 2 or bool(_EXACT_NAME.search(name))
 
@@ -103,7 +103,7 @@ class Hierarchy:
     averager: ExactAverager | PowerSGD
 
     def engine_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``dalle_ds.engine.build_engine`` (its extension points)."""
+        """Keyword arguments for ``dalle_ds.parallel.engine.build_engine`` (its extension points)."""
         def before(model: torch.nn.Module, ds_config: dict) -> None:
             if ds_config.get("zero_optimization", {}).get("stage") != 3:
                 raise ValueError("powersgd.enabled / powersgd.hierarchical need zero_optimization.stage=3 "

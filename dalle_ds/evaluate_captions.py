@@ -1,7 +1,7 @@
 """The demo's last stage: train the tiny CLIP, sample for held-out captions with reranking, write
 the grids, and print the shapes caption-match rate with and without reranking.
 
-    python -m dalle_ds.demo_eval --run runs/demo --checkpoint runs/demo/prior/export \\
+    python -m dalle_ds.evaluate_captions --run runs/demo --checkpoint runs/demo/prior/export \\
         --dvae runs/demo/dvae/export [--tokenizer runs/demo/tokenizer.json] [--shards 'runs/demo/shards/*.tar']
 
 Held-out captions: the first ``--captions`` samples of ``--heldout`` (image shards or a folder of
@@ -12,7 +12,7 @@ scenes nor their images were trained on. For each of
 ``--captions`` captions the prior samples ``-n`` candidates (sampled together across captions in
 batches of ``--batch-size``), the CLIP keeps the best ``--keep``.
 
-Caption-match rates (dalle_ds.shapes_score): *without reranking* is the mean over all candidates
+Caption-match rates (dalle_ds.evaluation.shapes_scorer): *without reranking* is the mean over all candidates
 (what one random sample scores), *with reranking* the rate of the CLIP's top-1, and of its top-k.
 Also FID / IS (CLIP image encoder; blur radii 0, 2, 4, 8) of the top-k against held-out reference
 images, and the CLIP score. Writes ``OUT/grid.png`` (one row per caption: the kept samples, best
@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dalle_ds.sample import Pipeline, save_grid, to_pil
-from dalle_ds.sampling import SamplingSettings, generate
+from dalle_ds.sampling.grids import save_grid, to_pil
+from dalle_ds.sampling.pipeline import Pipeline
+from dalle_ds.sampling.generate import SamplingSettings, generate
 
 
 def heldout(seed: int, count: int, size: int, offset: int = 0) -> tuple[torch.Tensor, list[str]]:
@@ -75,9 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from dalle_ds import metrics
-    from dalle_ds.clip_rerank import clip_score, rerank
-    from dalle_ds.shapes_score import score
+    from dalle_ds.evaluation import metrics
+    from dalle_ds.sampling.rerank import clip_score, rerank
+    from dalle_ds.evaluation.shapes_scorer import score
 
     args = parse_args(argv)
     if args.threads:
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.time()
 
     # 1. the CLIP: the project's small one, trained on the same shards
-    from dalle_ds.dvae import load_dvae
+    from dalle_ds.models.dvae import load_dvae
 
     size = load_dvae(args.dvae).cfg.downsample * json.loads(Path(args.checkpoint, "config.json").read_text())["image_grid"]
     if args.retrain_clip or not (clip_dir / "config.json").is_file():

@@ -11,7 +11,7 @@ function, which runs the branch in fp16 while the residual stream ``h`` and its 
                and a tensor hook on each parameter filters, flags and divides them by the same scale
                *before* they are accumulated, so DeepSpeed only ever sees unscaled, finite fp32 grads.
 
-Wiring (dalle_ds/train.py; ``eng`` is a :class:`dalle_ds.engine.Engine`)::
+Wiring (dalle_ds/train.py; ``eng`` is a :class:`dalle_ds.parallel.engine.Engine`)::
 
     mode, ds_config = precision.resolve_ds_config(engine.load_ds_config(path), cfg.precision)
     eng = build_engine(factory, ds_config, spec, ...)
@@ -63,7 +63,7 @@ import torch
 import torch.distributed as torch_dist
 
 from dalle_ds.config import ConfigError, PrecisionConfig
-from dalle_ds.dist import print0
+from dalle_ds.parallel.dist import print0
 
 Mode = Literal["fp16_block", "fp16", "bf16", "fp32"]
 
@@ -319,7 +319,7 @@ def attach(model: torch.nn.Module, cfg: PrecisionConfig, data_parallel_size: int
 
 
 def install(engine: Any, scaler: BlockScaler) -> None:
-    """Hook the scaler into a :class:`dalle_ds.engine.Engine`: at every accumulation boundary the
+    """Hook the scaler into a :class:`dalle_ds.parallel.engine.Engine`: at every accumulation boundary the
     agreed overflow flags vote to skip the update, and the scales are updated after the step."""
     engine.before_step.append(lambda eng: scaler.check_overflow())
     engine.after_step.append(lambda eng, applied: scaler.update())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer
 
-from dalle_ds import storage
+from dalle_ds.data import storage
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[SOI]")  # ids 0, 1, 2
 

@@ -1,7 +1,7 @@
 """Attention backends behind one interface: ``backend(q, k, v) -> out``, all ``(B, H, S, D)``.
 
 One backend object per layer type (row / column / conv), built once from that type's mask
-(dalle_ds.attention_masks) and shared by every layer of the type. All three give the same
+(dalle_ds.models.masks) and shared by every layer of the type. All three give the same
 outputs and gradients (tests/test_attention.py):
 
 - ``dense``  reference: ``scaled_dot_product_attention`` with the dense (S, S) bool mask.
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dalle_ds.attention_masks import build_mask
+from dalle_ds.models.masks import build_mask
 
 BACKENDS = ("dense", "sparse", "flex")
 

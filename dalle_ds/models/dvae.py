@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dalle_ds.config import DVAEConfig
-from dalle_ds.dvae_loss import PAPER_LOSS, DVAELossSpec, dvae_loss, gumbel_softmax, map_pixels, unmap_pixels
+from dalle_ds.models.dvae_loss import PAPER_LOSS, DVAELossSpec, dvae_loss, gumbel_softmax, map_pixels, unmap_pixels
 
 
 def _conv(n_in: int, n_out: int, kw: int) -> nn.Conv2d:

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dalle_ds.kv_cache import CachedDecoder
-from dalle_ds.prior import Prior
+from dalle_ds.models.kv_cache import CachedDecoder
+from dalle_ds.models.prior import Prior
 
 PAPER_PROMPT_ROWS, PAPER_GRID = 15, 32  # image completion keeps the top 15 of 32 rows
 
@@ -124,8 +124,8 @@ def generate(prior: Prior, text: Tensor, seeds: list[int], settings: SamplingSet
 
 
 def load_prior(export_dir: str, device: str | torch.device = "cpu", attention: str | None = None) -> Prior:
-    """A Prior in eval mode from an export folder (``dalle_ds.checkpoint.export``)."""
-    from dalle_ds.checkpoint import load_export
+    """A Prior in eval mode from an export folder (``dalle_ds.parallel.checkpoint.export``)."""
+    from dalle_ds.parallel.checkpoint import load_export
     from dalle_ds.config import ModelConfig, _build
 
     state, cfg_dict = load_export(export_dir)

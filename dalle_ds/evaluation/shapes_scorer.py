@@ -17,7 +17,7 @@ positions, the caption phrases) and checks an image against a caption:
    (count, colour, kind, size, position or relation, background) is checked; ``match`` means all.
 
     score(Image.open("000000123.png"), "a small red circle above a large blue square").match
-    python -m dalle_ds.shapes_score FOLDER   # match and per-attribute rates of images + same-named .txt
+    python -m dalle_ds.evaluation.shapes_scorer FOLDER   # match and per-attribute rates of images + same-named .txt
 """
 
 from __future__ import annotations

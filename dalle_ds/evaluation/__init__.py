@@ -1,0 +1,1 @@
+"""Evaluation: FID/IS/CLIP score, dVAE reconstruction quality, the shapes corpus scorer."""

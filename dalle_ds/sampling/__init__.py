@@ -1,0 +1,1 @@
+"""Generation: batched autoregressive sampling, the text-to-image pipeline, CLIP reranking, image grids."""

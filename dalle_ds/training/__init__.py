@@ -1,0 +1,1 @@
+"""The training loop's pieces: schedules, EMA, the trainer skeleton and its logging, FLOP counts."""
