@@ -1,8 +1,11 @@
 """Distributed set-up from torchrun, the deepspeed launcher or SLURM, plus node-local groups.
 
-DeepSpeed reads no SLURM variables, so under ``srun`` we map SLURM_PROCID/NTASKS/LOCALID to
-RANK/WORLD_SIZE/LOCAL_RANK and derive MASTER_ADDR from the job's first node before
-``init_process_group``. Fake nodes on one machine are supported by giving ``node_size``.
+DeepSpeed reads no SLURM variables, so under ``srun`` we map the step's SLURM variables to
+RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE (:func:`slurm_ranks`, the one place that mapping
+lives) and derive MASTER_ADDR from the job's first node before ``init_process_group``.
+:func:`launch_info` gives the same ranks without a process group (offline jobs whose processes
+never talk); :func:`slurm_array_part` maps a job-array element to its part. Fake nodes on one
+machine are supported by giving ``node_size``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Mapping
 from datetime import timedelta
 
 import torch
@@ -53,19 +57,92 @@ def _first_slurm_host(nodelist: str) -> str:
     return host
 
 
-def env_from_slurm(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The torch.distributed variables implied by SLURM's, without touching os.environ."""
+def expand_tasks_per_node(spec: str) -> list[int]:
+    """SLURM's compressed tasks-per-node list, one entry per node: ``"2(x3),1"`` -> ``[2, 2, 2, 1]``."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            raise ValueError(f"tasks per node {spec!r}: expected a list like '2(x3),1'")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts
+
+
+def slurm_ranks(environ: Mapping[str, str]) -> tuple[int, int, int, int]:
+    """(rank, world_size, local_rank, local_world_size) of an ``srun`` task, from its SLURM variables.
+
+    The step's values, not the job's: ``srun -n2`` inside a 4-task allocation is a world of 2.
+    World size: SLURM_STEP_NUM_TASKS (else SLURM_NTASKS, which srun also sets to the step's count).
+    Local world size: this node's entry (SLURM_NODEID) of SLURM_STEP_TASKS_PER_NODE (else
+    SLURM_TASKS_PER_NODE), so uneven layouts (``2,1``) are right on every node; without either,
+    world size / number of nodes. (SLURM_JOB_NUM_NODES and SLURM_NTASKS_PER_NODE describe the
+    allocation and are wrong for a step on fewer nodes or tasks.)
+    """
+    env = environ
+    try:
+        rank = int(env["SLURM_PROCID"])
+        world = int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
+    except KeyError as e:
+        raise ValueError(f"SLURM: {e.args[0]} is not set (run under srun)") from None
+    local = int(env.get("SLURM_LOCALID", "0"))
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if per_node:
+        counts, node = expand_tasks_per_node(per_node), int(env.get("SLURM_NODEID", "0"))
+        if not 0 <= node < len(counts):
+            raise ValueError(f"SLURM_NODEID={node}: outside the {len(counts)} nodes of tasks per node {per_node!r}")
+        local_world = counts[node]
+    else:
+        nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+        local_world = max(1, world // nodes)
+    return rank, world, local, local_world
+
+
+def launch_info(environ: Mapping[str, str] | None = None) -> DistInfo:
+    """Who this process is, from the launcher's variables alone: reads ``environ`` (default
+    os.environ), writes nothing, starts no process group (offline jobs whose ranks never talk use
+    this directly). torchrun / the deepspeed launcher: RANK, WORLD_SIZE, LOCAL_RANK,
+    LOCAL_WORLD_SIZE; srun: :func:`slurm_ranks`; otherwise one process."""
     env = os.environ if environ is None else environ
-    out = {
-        "RANK": env["SLURM_PROCID"],
-        "WORLD_SIZE": env["SLURM_NTASKS"],
-        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-    }
-    per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]  # "2(x2)" -> "2"
-    if per_node.isdigit():
-        out["LOCAL_WORLD_SIZE"] = per_node
-    elif env.get("SLURM_JOB_NUM_NODES", "").isdigit():
-        out["LOCAL_WORLD_SIZE"] = str(int(env["SLURM_NTASKS"]) // int(env["SLURM_JOB_NUM_NODES"]))
+    launcher = detect_launcher(env)
+    if launcher == "torchrun":
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local, local_world = int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", world))
+    elif launcher == "slurm":
+        rank, world, local, local_world = slurm_ranks(env)
+    else:
+        rank, world, local, local_world = 0, 1, 0, 1
+    if not (0 <= rank < world and 0 <= local < local_world):
+        raise ValueError(f"{launcher}: rank {rank} of {world}, local rank {local} of {local_world}: "
+                         f"need 0 <= rank < world size and 0 <= local rank < local world size")
+    return DistInfo(rank, world, local, local_world, launcher)
+
+
+def slurm_array_part(environ: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """(index, count) of this SLURM job-array element, or None outside an array.
+
+    Array ids may start above 0 and step (``--array=1-7:2`` -> ids 1, 3, 5, 7 -> parts 0..3).
+    An id list that is not one arithmetic range (``--array=2,5,11``) cannot be mapped from the
+    environment alone: that is an error (pass the part explicitly) rather than a wrong split.
+    """
+    env = os.environ if environ is None else environ
+    if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
+        return None
+    task, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
+    lo, step = int(env.get("SLURM_ARRAY_TASK_MIN", 0) or 0), int(env.get("SLURM_ARRAY_TASK_STEP", 1) or 1)
+    hi = int(env.get("SLURM_ARRAY_TASK_MAX", lo + (count - 1) * step) or 0)
+    index, off = divmod(task - lo, step)
+    if off or (hi - lo) // step + 1 != count or not 0 <= index < count:
+        raise ValueError(f"SLURM_ARRAY_TASK_ID={task} (min {lo}, max {hi}, step {step}) of "
+                         f"SLURM_ARRAY_TASK_COUNT={count}: the array ids are not one range min..max:step; "
+                         f"give the part explicitly")
+    return index, count
+
+
+def env_from_slurm(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The torch.distributed variables implied by SLURM's (:func:`slurm_ranks`), without touching os.environ."""
+    env = os.environ if environ is None else environ
+    rank, world, local, local_world = slurm_ranks(env)
+    out = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local), "LOCAL_WORLD_SIZE": str(local_world)}
     out["MASTER_ADDR"] = env.get("MASTER_ADDR") or _first_slurm_host(
         env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
     job = int(env.get("SLURM_JOB_ID", "0") or 0)
@@ -73,7 +150,7 @@ def env_from_slurm(environ: dict[str, str] | None = None) -> dict[str, str]:
     return out
 
 
-def detect_launcher(environ: dict[str, str] | None = None) -> str:
+def detect_launcher(environ: Mapping[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return "torchrun"
@@ -87,27 +164,24 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> Di
 
     Single-process runs also get a 1-rank process group so DeepSpeed code paths stay identical.
     """
-    launcher = detect_launcher()
-    if launcher == "slurm":
+    info = launch_info()
+    if info.launcher == "slurm":
         os.environ.update(env_from_slurm())
-    elif launcher == "single":
+    elif info.launcher == "single":
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    os.environ.setdefault("LOCAL_WORLD_SIZE", str(local_world))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(info.local_world_size))
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(info.local_rank)
     if not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend=backend, rank=rank, world_size=world,
+        torch_dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
                                       timeout=timedelta(seconds=timeout_s))
-    return DistInfo(rank, world, local_rank, local_world, launcher)
+    return info
 
 
 def _free_port() -> int:
