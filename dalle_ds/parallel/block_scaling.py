@@ -63,6 +63,7 @@ import torch
 import torch.distributed as torch_dist
 
 from dalle_ds.config import ConfigError, PrecisionConfig
+from dalle_ds.parallel import deepspeed_internals as ds_internals
 from dalle_ds.parallel.dist import print0
 
 Mode = Literal["fp16_block", "fp16", "bf16", "fp32"]
@@ -338,12 +339,7 @@ def detach(model: torch.nn.Module, scaler: BlockScaler) -> None:
 def fp16_supported() -> bool:
     if torch.cuda.is_available():
         return True
-    try:
-        from deepspeed.accelerator import get_accelerator
-
-        return bool(get_accelerator().is_fp16_supported())
-    except Exception:  # noqa: BLE001 - no DeepSpeed accelerator: only CUDA counts
-        return False
+    return ds_internals.accelerator_fp16_supported()
 
 
 def resolve_ds_config(ds_config: dict[str, Any], cfg: PrecisionConfig) -> tuple[Mode, dict[str, Any]]:

@@ -1,21 +1,26 @@
 """Checkpoints: DeepSpeed's shards plus the project's state, an atomic ``latest``, keep the last K.
 
-    ckpt = Checkpointer(engine, f"{cfg.run.dir}/checkpoints", cfg.checkpoint)
+    ckpt = Checkpointer.from_config(engine, cfg.run.dir, cfg.checkpoint)   # root: <run.dir>/checkpoints
+    # or Checkpointer(engine, root, every_steps, keep_last, signals=(SIGTERM, SIGUSR1))
     ckpt.register_stateful("schedule", sched)      # anything with state_dict / load_state_dict
     ckpt.register_stateful("data", loader)         # per-rank objects are saved per rank
-    step = ckpt.resume() or 0
+    state = ckpt.resume()                          # the saved state dict, or None with no ``latest``
+    step = state["step"] if state else 0
     for ...:
         ...
-        if ckpt.should_save(step):                 # every N steps, or a signal on any rank
-            ckpt.save(step)
+        if ckpt.should_save(step):                 # collective: every_steps, or a signal on any rank
+            ckpt.save(step)                        # collective; returns the tag folder
         if ckpt.stop_requested:                    # SIGTERM / SIGUSR1: saved above, now leave
+            write_run_marker(cfg.run.dir, "REQUEUE", step)
             sys.exit(EXIT_CHECKPOINTED)
+    write_run_marker(cfg.run.dir, "COMPLETED", step)   # clear_run_markers(run_dir) when a run starts
 
 Layout of ``root``::
 
     step_00000200/                DeepSpeed's tag folder (model/optimizer shards per rank)
-    step_00000200/project/rank_00000.pt   this rank's state: RNG (python, numpy, torch, cuda),
-                                           every registered object's state_dict, step
+    step_00000200/project/rank_00000.pt   this rank's state: step, world_size, RNG (python, numpy,
+                                           torch, cuda), ``client_state`` passed to ``save``, and
+                                           every registered object's state_dict under its name
     latest                        "step_00000200", written (tmp + rename) by rank 0 only after
                                   every rank has finished writing (a barrier), so a crash
                                   mid-save leaves the previous checkpoint the one resumed.
@@ -23,11 +28,14 @@ Layout of ``root``::
 DeepSpeed is called with ``save_latest=False``: its own ``latest`` file would move before the
 project state exists. Signals only set a flag; at the step boundary ``should_save`` all-reduces
 it, so every rank checkpoints at the same step even when the signal reached one rank only.
-Checkpoints need a file system every rank sees (as DeepSpeed's do).
+Checkpoints need a file system every rank sees (as DeepSpeed's do). ``resume`` refuses a
+checkpoint written by another number of ranks (data positions and RNG states are per rank) and
+loads DeepSpeed's optimizer states but not its LR scheduler (the schedule is a registered object).
 
-Export: ``export(root, out_dir, model_config)`` writes ``model.safetensors`` (consolidated fp32,
-via DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``; no huggingface_hub needed) and
-``config.json``; ``load_export(out_dir)`` reads both back.
+Export: ``export(root, out_dir, model_config, tag=None)`` writes ``model.safetensors`` (consolidated
+fp32 from checkpoint ``tag``, default the latest, via DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``
+in :mod:`dalle_ds.parallel.deepspeed_internals`; no huggingface_hub needed) and ``config.json``;
+``load_export(out_dir)`` reads both back.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
+from dalle_ds.parallel import deepspeed_internals as ds_internals
 from dalle_ds.parallel.dist import barrier, get_rank, print0
 
 EXIT_CHECKPOINTED = 75  # EX_TEMPFAIL: stopped by a signal after a complete checkpoint; requeue me
@@ -124,6 +133,9 @@ def read_latest(root: str | Path) -> str | None:
 
 
 class Checkpointer:
+    """Saves and resumes one run's checkpoints under ``root`` (see the module docstring): every
+    ``every_steps`` steps, keeping the last ``keep_last``; ``signals`` only set a stop flag."""
+
     def __init__(self, engine: Any, root: str | Path, every_steps: int, keep_last: int,
                  signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
         self.engine, self.root = engine, Path(root)
@@ -232,12 +244,10 @@ class Checkpointer:
 
 def consolidated_state_dict(root: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
     """fp32 full parameters from a ZeRO checkpoint (offline, one process), wrapper prefix removed."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     tag = tag or read_latest(root)
     if tag is None:
         raise FileNotFoundError(f"{root}: no 'latest' file; pass a tag")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    state = ds_internals.fp32_state_dict_from_zero_checkpoint(str(root), tag)
     if state and all(k.startswith(ENTRY_PREFIX) for k in state):
         state = {k[len(ENTRY_PREFIX):]: v for k, v in state.items()}
     return state

@@ -15,8 +15,9 @@ Extension points (other modules plug in here; the engine knows nothing of them):
 * ``zero_partition_group``: the process group ZeRO-3 partitions parameters over (passed to
   ``deepspeed.zero.Init(data_parallel_group=...)``), e.g. the intra-node group for PowerSGD.
 * ``before_initialize``: callables ``fn(model, ds_config)`` run after the model is built and
-  before ``deepspeed.initialize`` (install a ``DeepSpeedZeroOptimizer_Stage3`` override there:
-  ``deepspeed.runtime.engine`` imports the class inside ``_configure_zero_optimizer``).
+  before ``deepspeed.initialize`` (patch ``DeepSpeedZeroOptimizer_Stage3`` there, through
+  dalle_ds/parallel/deepspeed_internals.py: ``deepspeed.runtime.engine`` imports the class inside
+  ``_configure_zero_optimizer``).
   ``after_initialize``: callables ``fn(engine)`` run once the :class:`Engine` exists.
 * ``Engine.before_step``: callables ``fn(engine) -> bool | None`` run at each gradient-accumulation
   boundary after backward (gradients already reduced into the ZeRO partitions) and before the
@@ -29,15 +30,15 @@ Extension points (other modules plug in here; the engine knows nothing of them):
 
 On CPU the shared-memory comm op DeepSpeed JIT-compiles at ``init_distributed`` (~30-40 s the
 first time) serves only ``inference_all_reduce``; training never uses it, so it is not built
-unless ``DALLE_DS_SHM_OP=1``.
+unless ``DALLE_DS_SHM_OP=1``. This module uses DeepSpeed's public API only; what it needs of
+DeepSpeed's internals (skipping that op, the skip vote, the clipping norm, fp16 on CPU, ZeRO-3
+parameter sizes) comes from :mod:`dalle_ds.parallel.deepspeed_internals`, which checks the DeepSpeed version.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -47,6 +48,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from dalle_ds.config import ConfigError, OptimConfig
+from dalle_ds.parallel import deepspeed_internals as ds_internals
 from dalle_ds.parallel.dist import get_rank, print0
 
 # What the YAML owns, and where it lives there (the error message points the user to it).
@@ -78,16 +80,6 @@ class OptimSpec:
 
 
 # ---------------------------------------------------------------- DeepSpeed set-up
-
-
-def import_deepspeed():
-    """Import DeepSpeed; on CPU skip building the inference-only shared-memory comm op."""
-    import deepspeed
-
-    if os.environ.get("DALLE_DS_SHM_OP", "0") != "1" and not torch.cuda.is_available():
-        # `deepspeed.comm.torch` as an attribute is the torch package (star import); use sys.modules.
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    return deepspeed
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
@@ -177,7 +169,7 @@ class Engine:
         self.after_step: list[Callable[["Engine", bool], None]] = []
         self._skip_requested = False
         self.skipped_updates = 0
-        self._install_skip_switch()
+        ds_internals.install_skip_switch(ds_engine.optimizer, lambda: self._skip_requested)
 
     @property
     def optimizer(self) -> Any:
@@ -210,7 +202,7 @@ class Engine:
             self.ds.step()
         finally:
             self._skip_requested = False
-        applied = not bool(getattr(self.ds.optimizer, "overflow", False))
+        applied = not ds_internals.step_overflowed(self.ds.optimizer)
         if not applied:
             self.skipped_updates += 1
         for fn in self.after_step:
@@ -222,30 +214,6 @@ class Engine:
         self.backward(loss)
         return self.step(skip)
 
-    def _install_skip_switch(self) -> None:
-        """Make the ZeRO optimiser treat a requested skip exactly like an fp16 overflow."""
-        opt = self.ds.optimizer
-        if hasattr(opt, "_overflow_check_and_loss_scale_update"):  # ZeRO-1/2/3
-            original = opt._overflow_check_and_loss_scale_update
-
-            def check(update_scale: bool = True) -> bool:
-                overflow = original(update_scale=False)
-                if self._skip_requested:
-                    opt.overflow = overflow = True
-                if not update_scale:
-                    return overflow
-                return opt._loss_scale_update_and_overflow_cleanup()
-
-            opt._overflow_check_and_loss_scale_update = check
-        else:  # no ZeRO: the client optimiser itself; a skipped step leaves it untouched
-            inner_step = opt.step
-
-            def step(*args, **kwargs):
-                opt.overflow = self._skip_requested
-                return None if self._skip_requested else inner_step(*args, **kwargs)
-
-            opt.step = step
-
     # -- schedule knobs (the YAML owns them; the schedule decides the values)
     def set_lr(self, lr: float) -> None:
         for group in self.ds.optimizer.param_groups:
@@ -253,10 +221,7 @@ class Engine:
 
     def set_grad_clip(self, max_norm: float) -> None:
         """Global gradient-norm clip for the next updates (0 disables)."""
-        if hasattr(self.ds.optimizer, "clip_grad"):
-            self.ds.optimizer.clip_grad = float(max_norm)
-        else:
-            self.ds._config.gradient_clipping = float(max_norm)
+        ds_internals.set_gradient_clipping(self.ds, max_norm)
 
     @property
     def grad_norm(self) -> float | None:
@@ -284,12 +249,9 @@ class Engine:
 def local_and_total_numel(model: nn.Module) -> tuple[int, int]:
     local = total = 0
     for p in model.parameters():
-        if hasattr(p, "ds_tensor"):
-            local += p.ds_tensor.numel()
-            total += p.ds_numel
-        else:
-            local += p.numel()
-            total += p.numel()
+        here, full = ds_internals.local_and_full_numel(p)
+        local += here
+        total += full
     return local, total
 
 
@@ -316,7 +278,7 @@ def build_engine(model_factory: Callable[[], nn.Module], ds_config: str | Path |
     ``run_config`` (an object with ``save(path)``, e.g. :class:`dalle_ds.config.Config`) and the
     resolved JSON are written by rank 0 to ``run_dir/config.yaml`` and ``run_dir/ds_config.json``.
     """
-    deepspeed = import_deepspeed()
+    deepspeed = ds_internals.import_deepspeed()
     if not torch_dist.is_initialized():
         raise RuntimeError("build_engine: call dalle_ds.parallel.dist.init_distributed() first")
     deepspeed.init_distributed(dist_backend=torch_dist.get_backend())
@@ -324,7 +286,7 @@ def build_engine(model_factory: Callable[[], nn.Module], ds_config: str | Path |
     static = ds_config if isinstance(ds_config, dict) else load_ds_config(ds_config)
     resolved = resolve_ds_config(static, spec, torch_dist.get_world_size(), source, fixed_fp16_loss_scale)
     if resolved.get("fp16", {}).get("enabled", False) and allow_fp16_on_cpu:
-        _allow_fp16_on_cpu()
+        ds_internals.allow_fp16_on_cpu()
 
     if zero_stage(resolved) == 3:
         with deepspeed.zero.Init(config_dict_or_path=resolved, data_parallel_group=zero_partition_group):
@@ -362,19 +324,10 @@ def write_run_configs(run_dir: str | Path, ds_config: dict[str, Any], run_config
         run_config.save(run_dir / "config.yaml")
 
 
-def _allow_fp16_on_cpu() -> None:
-    """DeepSpeed refuses fp16 on CPUs that report no fp16 support; tests opt in explicitly."""
-    from deepspeed.accelerator import get_accelerator
-
-    acc = get_accelerator()
-    if not acc.is_fp16_supported():
-        acc.is_fp16_supported = lambda: True
-
-
 def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full (unpartitioned) parameters and buffers as fp32 CPU tensors, on every rank."""
     params = list(model.parameters())
-    if any(hasattr(p, "ds_tensor") for p in params):
+    if any(ds_internals.is_partitioned(p) for p in params):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):

@@ -6,7 +6,8 @@ The paper's scheme (App. E) on DeepSpeed 0.19.8, which has no gradient-communica
    ranks of its node only (``Hierarchy.zero_init_kwargs()``); nodes hold replicas.
 2. ZeRO-3 reduce-scatters each gradient bucket inside the node and divides by the node size,
    then calls ``DeepSpeedZeroOptimizer_Stage3.partition_grads`` to accumulate the shard into its
-   grad buffer. ``install()`` wraps that method: at the gradient-accumulation boundary the
+   grad buffer. ``install()`` wraps that method (through :mod:`dalle_ds.parallel.deepspeed_internals`,
+   which owns every touch of DeepSpeed's internals): at the gradient-accumulation boundary the
    accumulated shard buffers of the bucket are averaged over the ``cross`` group (the ranks with
    the same local index on the other nodes) by an averager from ``dalle_ds.parallel.powersgd``, which also
    divides by the number of nodes, so the shard holds the global mean, as with flat ZeRO-3.
@@ -17,6 +18,11 @@ The paper's scheme (App. E) on DeepSpeed 0.19.8, which has no gradient-communica
 while initialising); the wrapper is inert for optimizers without an attached averager, and
 ``Hierarchy.attach(engine)`` attaches it afterwards. CPU-offloaded optimizers are refused
 (their gradients leave the device inside ``partition_grads`` before the cross-node step).
+
+With :func:`dalle_ds.parallel.engine.build_engine` all of this is one call::
+
+    hierarchy = hierarchical_zero.from_config(cfg.powersgd, seed=cfg.run.seed)   # None: flat ZeRO-3
+    engine = build_engine(..., **(hierarchy.engine_kwargs() if hierarchy else {}))
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any, Callable
 import torch
 
 from dalle_ds.config import PowerSGDConfig
+from dalle_ds.parallel import deepspeed_internals as ds_internals
 from dalle_ds.parallel.dist import NodeGroups, build_node_groups
 from dalle_ds.parallel.powersgd import ExactAverager, PowerSGD, Shard, build_averager
 
@@ -37,7 +44,7 @@ _EXACT_NAME = re.compile(r"(emb|logits|unembed|pad|pos_|norm|ln_|gain|bias)", re
 
 def default_exact(name: str, param: torch.nn.Parameter) -> bool:
     """Embeddings, unembeddings, gains and biases: averaged exactly in fp32, never compressed."""
-    shape = getattr(param, "ds_shape", param.shape)
+    shape = ds_internals.full_shape(param)
     from dalle_ds.models.prior import keep_fp32  # the prior names its parameters so these are identifiable
 
     return keep_fp32(name, param) or len(shape) < 2 or bool(_EXACT_NAME.search(name))
@@ -56,43 +63,22 @@ def mark_params(model: torch.nn.Module, exact: Callable[[str, torch.nn.Parameter
 def _shards(opt: Any, params: list, buffers: list[torch.Tensor]) -> list[Shard]:
     shards = []
     for p, buf in zip(params, buffers):
-        shape = tuple(p.ds_shape)
-        part = p.partition_numel()
-        offset = part * opt._get_param_partition_rank(p)
-        valid = min(buf.numel(), p.ds_numel - offset)  # the last shard is padded with zeros
+        shape = ds_internals.full_shape(p)
+        _, numel = ds_internals.local_and_full_numel(p)
+        offset = ds_internals.shard_offset(opt, p)
+        valid = min(buf.numel(), numel - offset)  # the last shard is padded with zeros
         key = getattr(p, "cross_node_key", None)
         if key is None:
-            raise RuntimeError(f"parameter ds_id={p.ds_id} shape={shape} was not tagged: call "
+            raise RuntimeError(f"parameter ds_id={ds_internals.param_id(p)} shape={shape} was not tagged: call "
                                "hierarchical_zero.mark_params(model) before deepspeed.initialize")
-        width = math.prod(shape[1:]) if len(shape) >= 2 else max(1, p.ds_numel)
+        width = math.prod(shape[1:]) if len(shape) >= 2 else max(1, numel)
         shards.append(Shard(key, buf.view(-1)[:valid], offset, width, getattr(p, "cross_node_exact", False)))
     return shards
 
 
-def _partition_grads_then_average(self, params_to_release, grad_partitions):
-    averager = getattr(self, "_cross_node_averager", None)
-    if averager is None:
-        return _ORIGINAL["partition_grads"](self, params_to_release, grad_partitions)
-    # Same filter as DeepSpeed's: shards that hold only padding get no buffer.
-    real = [p for p in params_to_release
-            if p.partition_numel() * self._get_param_partition_rank(p) < p.ds_numel]
-    buffers = _ORIGINAL["partition_grads"](self, params_to_release, grad_partitions)
-    if self.is_gradient_accumulation_boundary():
-        assert len(real) == len(buffers), (len(real), len(buffers))
-        averager.average_(_shards(self, real, buffers))
-    return buffers
-
-
-_ORIGINAL: dict[str, Any] = {}
-
-
 def install() -> None:
     """Wrap ``DeepSpeedZeroOptimizer_Stage3.partition_grads`` (idempotent). Call before deepspeed.initialize."""
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
-
-    if "partition_grads" not in _ORIGINAL:
-        _ORIGINAL["partition_grads"] = Stage3.partition_grads
-        Stage3.partition_grads = _partition_grads_then_average
+    ds_internals.patch_stage3_partition_grads()
 
 
 @dataclass
@@ -103,7 +89,10 @@ class Hierarchy:
     averager: ExactAverager | PowerSGD
 
     def engine_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``dalle_ds.parallel.engine.build_engine`` (its extension points)."""
+        """Keyword arguments for ``dalle_ds.parallel.engine.build_engine``, the one way to wire a hierarchy
+        into the engine: parameters partitioned within the node, the DeepSpeed override installed and
+        the parameters tagged before ``deepspeed.initialize`` (ZeRO stage 3 checked), then :meth:`attach`."""
+
         def before(model: torch.nn.Module, ds_config: dict) -> None:
             if ds_config.get("zero_optimization", {}).get("stage") != 3:
                 raise ValueError("powersgd.enabled / powersgd.hierarchical need zero_optimization.stage=3 "
@@ -114,6 +103,12 @@ class Hierarchy:
         return {"zero_partition_group": self.groups.intra, "before_initialize": [before],
                 "after_initialize": [self.attach]}
 
+    def describe(self) -> str:
+        """One line for the run log: the node layout and how shards are averaged across nodes."""
+        how = f"PowerSGD rank {self.averager.cfg.rank}" if isinstance(self.averager, PowerSGD) else "exact fp32"
+        return (f"ZeRO-3 inside nodes of {self.groups.node_size} ranks, {self.groups.num_nodes} nodes, "
+                f"cross-node average: {how}")
+
     def zero_init_kwargs(self) -> dict[str, Any]:
         """Arguments for ``deepspeed.zero.Init`` so parameters are partitioned within the node."""
         return {"data_parallel_group": self.groups.intra}
@@ -121,22 +116,17 @@ class Hierarchy:
     def attach(self, engine_or_optimizer: Any) -> None:
         """After deepspeed.initialize: route the engine's ZeRO-3 optimizer through the averager."""
         opt = getattr(engine_or_optimizer, "optimizer", engine_or_optimizer)
-        if not hasattr(opt, "_get_param_partition_rank"):
+        if not ds_internals.is_stage3_optimizer(opt):
             raise TypeError(f"hierarchical data parallelism needs ZeRO stage 3, got {type(opt).__name__}")
-        if getattr(opt, "offload_optimizer", False):
+        if ds_internals.offloads_optimizer(opt):
             raise ValueError("hierarchical data parallelism does not support offload_optimizer: "
                              "remove zero_optimization.offload_optimizer from the DeepSpeed config")
-        if "partition_grads" not in _ORIGINAL:
+        if not ds_internals.partition_grads_patched():
             raise RuntimeError("hierarchical_zero.install() must run before deepspeed.initialize")
-        opt._cross_node_averager = self.averager
-        step = opt.step
-
-        def step_then_count(*args, **kwargs):
-            out = step(*args, **kwargs)
-            self.averager.end_step()
-            return out
-
-        opt.step = step_then_count
+        averager = self.averager
+        ds_internals.set_partition_grads_hook(
+            opt, lambda params, buffers: averager.average_(_shards(opt, params, buffers)))
+        ds_internals.call_after_step(opt, averager.end_step)
 
     def stats(self) -> dict[str, Any]:
         return {"node_size": self.groups.node_size, **self.averager.stats()}

@@ -1,0 +1,294 @@
+"""Every touch of DeepSpeed's private or internal API, for one pinned DeepSpeed version.
+
+DeepSpeed 0.19.8 has no gradient-communication hook, no way to veto an update, and reads the
+clipping norm only at construction, so the project reaches into it in a few places. They all
+live here, each behind a small named function that engine.py, hierarchy.py, block_scaling.py and
+checkpoint.py call. Public API (``deepspeed.initialize``, ``deepspeed.zero.Init``,
+``zero.GatheredParameters``, ``deepspeed.utils.safe_get_full_grad``, ``engine.backward/step``,
+``deepspeed.comm``) stays where it is used.
+
+The first call checks the installed ``deepspeed.__version__`` against :data:`DEEPSPEED_VERSION`
+(the pin in requirements.txt and constraints.txt); another version is an error naming both,
+unless ``DALLE_DS_ALLOW_DEEPSPEED_MISMATCH=1`` (then a warning). To upgrade DeepSpeed: check each
+row below in the new sources, run ``tests/test_deepspeed_internals.py`` (it checks every row's
+name and signature), then move DEEPSPEED_VERSION, requirements.txt and constraints.txt together.
+
+========================================  ================================  ==========================================
+Internal (how we touch it)                Defined in (DeepSpeed 0.19.8)     Why (function here)
+========================================  ================================  ==========================================
+``build_shm_op()`` (replaced by a no-op)  deepspeed/comm/torch.py, called   on CPU ``init_distributed`` JIT-compiles a
+                                          in ``TorchBackend.__init__``      shared-memory op (~30-40 s) only inference
+                                                                            uses (``import_deepspeed``)
+``is_fp16_supported()`` of the            deepspeed/accelerator/            DeepSpeed refuses fp16 on a CPU reporting
+accelerator (replaced on the object;      cpu_accelerator.py                none; tests opt in, block scaling asks
+read)                                     ``CPU_Accelerator``               (``allow_fp16_on_cpu``,
+                                                                            ``accelerator_fp16_supported``)
+``Stage3._overflow_check_and_loss_``      deepspeed/runtime/zero/stage3.py  the engine's skip vote: a requested skip is
+``scale_update(update_scale)``,           ``DeepSpeedZeroOptimizer_Stage3`` an fp16 overflow (no update, counted in
+``_loss_scale_update_and_overflow_``                                        ``skipped_steps``); ``overflow`` says if
+``cleanup()``, ``.overflow`` (wrapped                                       the step applied (``install_skip_switch``,
+per instance; set; read)                                                    ``step_overflowed``)
+``optimizer.step``, ``.overflow`` under   deepspeed/runtime/engine.py       the same skip vote for optimisers without
+ZeRO 0-2 (wrapped per instance; set)      ``DeepSpeedEngine._take_model_``  the overflow check (``install_skip_switch``)
+                                          ``step`` reads ``.overflow``
+``optimizer.clip_grad``,                  stage3.py, stage_1_and_2.py       the schedule clips in warm-up only;
+``engine._config.gradient_clipping``      ``__init__``; runtime/config.py   DeepSpeed copies the norm once, at
+(set)                                     ``DeepSpeedConfig``               construction (``set_gradient_clipping``)
+``Stage3.partition_grads(params_to_``     stage3.py, called per bucket      hierarchical ZeRO's cross-node average of
+``release, grad_partitions)`` (wrapped    after the reduce-scatter; class   gradient shards, at the one place after the
+on the class)                             imported by ``DeepSpeedEngine.``  intra-node reduce-scatter (no comm hook)
+                                          ``_configure_zero_optimizer``     (``patch_stage3_partition_grads``,
+                                                                            ``set_partition_grads_hook``)
+``Stage3._get_param_partition_rank(``     stage3.py; runtime/               a shard's offset in its flat parameter; act
+``param)``, ``.is_gradient_accumulation`` base_optimizer.py                 at the accumulation boundary only; refuse
+``_boundary()``, ``.offload_optimizer``                                     CPU offload (``shard_offset``,
+(read)                                                                      ``is_stage3_optimizer``,
+                                                                            ``offloads_optimizer``)
+``Stage3.step(closure)`` (wrapped per     stage3.py                         PowerSGD counts its steps after each update
+instance)                                                                   (``call_after_step``)
+``get_fp32_state_dict_from_zero_``        deepspeed/utils/zero_to_fp32.py   export consolidates a ZeRO checkpoint
+``checkpoint(checkpoint_dir, tag, ...)``                                    offline; its CLI script would need
+                                                                            huggingface_hub
+                                                                            (``fp32_state_dict_from_zero_checkpoint``)
+ZeRO-3 parameter attributes               deepspeed/runtime/zero/           sizes stored per rank, full shapes, shard
+``ds_tensor``, ``ds_numel``,              partition_parameters.py           offsets (``is_partitioned``, ``full_shape``,
+``ds_shape``, ``ds_id``,                  ``Init._convert_to_deepspeed_``   ``local_and_full_numel``, ``param_id``)
+``partition_numel()`` (read)              ``param``
+========================================  ================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import Any, Callable, Mapping
+
+import torch
+
+DEEPSPEED_VERSION = "0.19.8"  # == the pin in requirements.txt and constraints.txt
+ALLOW_MISMATCH_ENV = "DALLE_DS_ALLOW_DEEPSPEED_MISMATCH"
+
+
+class DeepSpeedVersionError(RuntimeError):
+    pass
+
+
+def check_version(installed: str, pinned: str = DEEPSPEED_VERSION,
+                  env: Mapping[str, str] | None = None) -> None:
+    """Raise (or, with ``DALLE_DS_ALLOW_DEEPSPEED_MISMATCH=1``, warn) unless ``installed`` is ``pinned``."""
+    if installed.split("+")[0] == pinned:  # a local build suffix (0.19.8+abc) is the same release
+        return
+    msg = (f"DeepSpeed {installed} is installed, but dalle_ds/parallel/deepspeed_internals.py patches "
+           f"internals of DeepSpeed {pinned} (the version pinned in requirements.txt). Install it with "
+           f"`pip install deepspeed=={pinned}`, or port the table in that module's docstring to "
+           f"{installed}, run tests/test_deepspeed_internals.py and update DEEPSPEED_VERSION. "
+           f"To run anyway at your own risk, set {ALLOW_MISMATCH_ENV}=1.")
+    if (os.environ if env is None else env).get(ALLOW_MISMATCH_ENV, "0") == "1":
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        return
+    raise DeepSpeedVersionError(msg)
+
+
+_version_checked = False
+
+
+def ensure_version() -> None:
+    """Check the installed DeepSpeed once per process (every function below calls this first)."""
+    global _version_checked
+    if not _version_checked:
+        import deepspeed
+
+        check_version(deepspeed.__version__)
+        _version_checked = True
+
+
+# ---------------------------------------------------------------- import, accelerator
+
+
+def import_deepspeed():
+    """Import DeepSpeed; on CPU skip building the inference-only shared-memory comm op."""
+    import deepspeed
+
+    ensure_version()
+    if os.environ.get("DALLE_DS_SHM_OP", "0") != "1" and not torch.cuda.is_available():
+        # `deepspeed.comm.torch` as an attribute is the torch package (star import); use sys.modules.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    return deepspeed
+
+
+def allow_fp16_on_cpu() -> None:
+    """DeepSpeed refuses fp16 on CPUs that report no fp16 support; tests opt in explicitly."""
+    ensure_version()
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if not acc.is_fp16_supported():
+        acc.is_fp16_supported = lambda: True
+
+
+def accelerator_fp16_supported() -> bool:
+    """What DeepSpeed's accelerator says about fp16 (False when DeepSpeed has no accelerator here)."""
+    try:
+        from deepspeed.accelerator import get_accelerator
+    except Exception:  # noqa: BLE001 - no usable DeepSpeed: only CUDA counts
+        return False
+    ensure_version()
+    try:
+        return bool(get_accelerator().is_fp16_supported())
+    except Exception:  # noqa: BLE001 - no DeepSpeed accelerator: only CUDA counts
+        return False
+
+
+# ---------------------------------------------------------------- the engine's optimiser
+
+
+def install_skip_switch(opt: Any, skip_requested: Callable[[], bool]) -> None:
+    """Make DeepSpeed's optimiser treat ``skip_requested()`` exactly like an fp16 overflow."""
+    ensure_version()
+    if hasattr(opt, "_overflow_check_and_loss_scale_update"):  # ZeRO-3
+        original = opt._overflow_check_and_loss_scale_update
+
+        def check(update_scale: bool = True) -> bool:
+            overflow = original(update_scale=False)
+            if skip_requested():
+                opt.overflow = overflow = True
+            if not update_scale:
+                return overflow
+            return opt._loss_scale_update_and_overflow_cleanup()
+
+        opt._overflow_check_and_loss_scale_update = check
+    else:  # ZeRO 0-2: the engine reads `overflow`; a skipped step leaves the optimiser untouched
+        inner_step = opt.step
+
+        def step(*args, **kwargs):
+            skip = skip_requested()
+            opt.overflow = skip
+            return None if skip else inner_step(*args, **kwargs)
+
+        opt.step = step
+
+
+def step_overflowed(opt: Any) -> bool:
+    """Whether DeepSpeed skipped the last step (overflow or a requested skip)."""
+    ensure_version()
+    return bool(getattr(opt, "overflow", False))
+
+
+def set_gradient_clipping(ds_engine: Any, max_norm: float) -> None:
+    """Global gradient-norm clip for the next updates (0 disables)."""
+    ensure_version()
+    if hasattr(ds_engine.optimizer, "clip_grad"):
+        ds_engine.optimizer.clip_grad = float(max_norm)
+    else:
+        ds_engine._config.gradient_clipping = float(max_norm)
+
+
+def call_after_step(opt: Any, fn: Callable[[], None]) -> None:
+    """Run ``fn()`` after every ``opt.step`` (wraps this optimiser instance only)."""
+    ensure_version()
+    step = opt.step
+
+    def step_then_call(*args, **kwargs):
+        out = step(*args, **kwargs)
+        fn()
+        return out
+
+    opt.step = step_then_call
+
+
+# ---------------------------------------------------------------- ZeRO-3 gradient shards
+
+
+def stage3_class() -> type:
+    ensure_version()
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    return DeepSpeedZeroOptimizer_Stage3
+
+
+def is_stage3_optimizer(opt: Any) -> bool:
+    ensure_version()
+    return hasattr(opt, "_get_param_partition_rank")
+
+
+def offloads_optimizer(opt: Any) -> bool:
+    ensure_version()
+    return bool(getattr(opt, "offload_optimizer", False))
+
+
+def shard_offset(opt: Any, p: Any) -> int:
+    """Offset of this rank's shard of ``p`` in the flattened full parameter."""
+    return p.partition_numel() * opt._get_param_partition_rank(p)
+
+
+GradShardHook = Callable[[list, list[torch.Tensor]], None]
+_HOOK_ATTR = "_dalle_ds_partition_grads_hook"
+_ORIGINAL: dict[str, Any] = {}
+
+
+def _partition_grads_then_hook(self, params_to_release, grad_partitions):
+    hook: GradShardHook | None = getattr(self, _HOOK_ATTR, None)
+    if hook is None:
+        return _ORIGINAL["partition_grads"](self, params_to_release, grad_partitions)
+    # Same filter as DeepSpeed's: shards that hold only padding get no buffer.
+    real = [p for p in params_to_release if shard_offset(self, p) < p.ds_numel]
+    buffers = _ORIGINAL["partition_grads"](self, params_to_release, grad_partitions)
+    if self.is_gradient_accumulation_boundary():
+        assert len(real) == len(buffers), (len(real), len(buffers))
+        hook(real, buffers)
+    return buffers
+
+
+def patch_stage3_partition_grads() -> None:
+    """Wrap ``DeepSpeedZeroOptimizer_Stage3.partition_grads`` (idempotent; inert for optimisers
+    without a hook). Must run before ``deepspeed.initialize``, which imports the class."""
+    stage3 = stage3_class()
+    if "partition_grads" not in _ORIGINAL:
+        _ORIGINAL["partition_grads"] = stage3.partition_grads
+        stage3.partition_grads = _partition_grads_then_hook
+
+
+def partition_grads_patched() -> bool:
+    return "partition_grads" in _ORIGINAL
+
+
+def set_partition_grads_hook(opt: Any, hook: GradShardHook) -> None:
+    """At each accumulation boundary call ``hook(params, shard_buffers)`` for every bucket of
+    ``opt`` (a patched ZeRO-3 optimiser), after the shards hold the node's accumulated gradient."""
+    if not partition_grads_patched():
+        raise RuntimeError("patch_stage3_partition_grads() must run before deepspeed.initialize")
+    setattr(opt, _HOOK_ATTR, hook)
+
+
+# ---------------------------------------------------------------- ZeRO-3 parameters
+
+
+def is_partitioned(p: torch.nn.Parameter) -> bool:
+    return hasattr(p, "ds_tensor")
+
+
+def full_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def local_and_full_numel(p: torch.nn.Parameter) -> tuple[int, int]:
+    """(elements stored on this rank, elements of the full parameter)."""
+    if is_partitioned(p):
+        return p.ds_tensor.numel(), p.ds_numel
+    return p.numel(), p.numel()
+
+
+def param_id(p: torch.nn.Parameter) -> int | None:
+    return getattr(p, "ds_id", None)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def fp32_state_dict_from_zero_checkpoint(root: str, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 full parameters of checkpoint ``root/tag`` (offline, one process; no huggingface_hub)."""
+    ensure_version()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)

@@ -1,0 +1,233 @@
+"""dalle_ds/parallel/deepspeed_internals.py: every DeepSpeed internal we patch or read still exists in the
+installed DeepSpeed with the parameters we call it with, the version check names both versions, the
+skip switch and clipping knob work on stand-in optimisers, and no other module reaches into DeepSpeed."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+from dalle_ds.parallel import deepspeed_internals as ds_internals
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def unwrap(fn):
+    """The function under DeepSpeed's ``instrument_w_nvtx`` (its ``wrapped_fn(*args, **kwargs)`` keeps
+    the original only in its closure, as ``func``)."""
+    fn = inspect.unwrap(fn)
+    while getattr(fn, "__name__", "") == "wrapped_fn" and "func" in fn.__code__.co_freevars:
+        fn = fn.__closure__[fn.__code__.co_freevars.index("func")].cell_contents
+    return fn
+
+
+def resolve(dotted: str):
+    """``package.module:Class.attr`` -> the object (functions unwrapped)."""
+    module, _, attr = dotted.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split(".") if attr else []:
+        obj = getattr(obj, part)
+    return unwrap(obj) if callable(obj) and not inspect.isclass(obj) else obj
+
+
+def partition_grads_original():
+    stage3 = ds_internals.stage3_class()
+    return unwrap(ds_internals._ORIGINAL.get("partition_grads", stage3.partition_grads))
+
+
+# ---------------------------------------------------------------- version pin
+
+
+@pytest.mark.parametrize("name", ["requirements.txt", "constraints.txt"])
+def test_pinned_version_matches_the_requirements(name):
+    pins = re.findall(r"^deepspeed==(\S+)", (ROOT / name).read_text(), re.MULTILINE)
+    assert pins == [ds_internals.DEEPSPEED_VERSION], (name, pins)
+
+
+def test_installed_deepspeed_is_the_pinned_one():
+    import deepspeed
+
+    ds_internals.check_version(deepspeed.__version__, env={})
+    ds_internals.ensure_version()
+    ds_internals.check_version("0.19.8+local.build", pinned="0.19.8", env={})  # same release
+
+
+def test_mismatched_version_is_an_error_naming_both_versions_and_the_way_out():
+    with pytest.raises(ds_internals.DeepSpeedVersionError) as err:
+        ds_internals.check_version("0.20.1", pinned="0.19.8", env={})
+    msg = str(err.value)
+    assert "DeepSpeed 0.20.1 is installed" in msg and "DeepSpeed 0.19.8" in msg, msg
+    assert "pip install deepspeed==0.19.8" in msg and "DALLE_DS_ALLOW_DEEPSPEED_MISMATCH=1" in msg, msg
+    with pytest.raises(ds_internals.DeepSpeedVersionError):
+        ds_internals.check_version("0.19.80", pinned="0.19.8", env={})
+
+
+def test_mismatch_allowed_by_the_environment_warns():
+    with pytest.warns(RuntimeWarning, match=r"DeepSpeed 0\.18\.0 is installed"):
+        ds_internals.check_version("0.18.0", pinned="0.19.8", env={ds_internals.ALLOW_MISMATCH_ENV: "1"})
+    with pytest.raises(ds_internals.DeepSpeedVersionError):
+        ds_internals.check_version("0.18.0", pinned="0.19.8", env={ds_internals.ALLOW_MISMATCH_ENV: "0"})
+
+
+def test_first_use_checks_the_installed_version(monkeypatch):
+    import deepspeed
+
+    monkeypatch.setattr(deepspeed, "__version__", "0.21.0")
+    monkeypatch.setattr(ds_internals, "_version_checked", False)
+    monkeypatch.delenv(ds_internals.ALLOW_MISMATCH_ENV, raising=False)
+    with pytest.raises(ds_internals.DeepSpeedVersionError, match=r"DeepSpeed 0\.21\.0 is installed"):
+        ds_internals.import_deepspeed()
+    with pytest.raises(ds_internals.DeepSpeedVersionError):
+        ds_internals.stage3_class()
+
+
+# ---------------------------------------------------------------- the internals exist, with these parameters
+
+STAGE3 = "deepspeed.runtime.zero.stage3:DeepSpeedZeroOptimizer_Stage3"
+SIGNATURES = [
+    ("deepspeed.comm.torch:build_shm_op", []),
+    ("deepspeed.accelerator.cpu_accelerator:CPU_Accelerator.is_fp16_supported", ["self"]),
+    ("deepspeed.accelerator.abstract_accelerator:DeepSpeedAccelerator.is_fp16_supported", ["self"]),
+    (STAGE3 + "._overflow_check_and_loss_scale_update", ["self", "update_scale"]),
+    (STAGE3 + "._loss_scale_update_and_overflow_cleanup", ["self"]),
+    (STAGE3 + "._get_param_partition_rank", ["self", "param"]),
+    (STAGE3 + ".is_gradient_accumulation_boundary", ["self"]),
+    (STAGE3 + ".step", ["self", "closure"]),
+    (STAGE3 + ".unscale_and_clip_grads", ["self", "sub_group_id", "total_norm"]),
+    ("deepspeed.runtime.engine:DeepSpeedEngine._take_model_step", ["self", "lr_kwargs"]),
+    ("deepspeed.runtime.engine:DeepSpeedEngine._configure_zero_optimizer", ["self", "optimizer"]),
+    ("deepspeed.runtime.engine:DeepSpeedEngine.gradient_clipping", ["self"]),
+    ("deepspeed.utils.zero_to_fp32:get_fp32_state_dict_from_zero_checkpoint",
+     ["checkpoint_dir", "tag", "exclude_frozen_parameters", "lazy_mode"]),
+    ("deepspeed.runtime.zero.partition_parameters:Init._convert_to_deepspeed_param", ["self", "param"]),
+]
+
+
+@pytest.mark.parametrize("dotted,params", SIGNATURES, ids=[s[0].split(":")[-1] for s in SIGNATURES])
+def test_internal_exists_with_expected_parameters(dotted, params):
+    assert list(inspect.signature(resolve(dotted)).parameters) == params
+
+
+def test_partition_grads_signature_and_the_padding_filter_we_repeat():
+    fn = partition_grads_original()
+    assert list(inspect.signature(fn).parameters) == ["self", "params_to_release", "grad_partitions"]
+    # _partition_grads_then_hook drops the same padding-only shards DeepSpeed gives no buffer
+    assert "param.partition_numel() * self._get_param_partition_rank(param) < param.ds_numel" in inspect.getsource(fn)
+
+
+# (object, what its source must contain): attributes set or read, and the call sites we rely on
+SOURCES = [
+    ("deepspeed.comm.torch:TorchBackend.__init__", "build_shm_op()"),
+    (STAGE3 + ".__init__", "self.clip_grad = clip_grad"),
+    (STAGE3 + ".__init__", "self.overflow = False"),
+    (STAGE3 + ".__init__", "self.offload_optimizer = False"),
+    (STAGE3 + ".unscale_and_clip_grads", "self.clip_grad"),
+    (STAGE3 + "._overflow_check_and_loss_scale_update", "self.overflow = False"),
+    ("deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer.__init__", "self.clip_grad = clip_grad"),
+    ("deepspeed.runtime.engine:DeepSpeedEngine._take_model_step", "overflow = self.optimizer.overflow"),
+    ("deepspeed.runtime.engine:DeepSpeedEngine.gradient_clipping", "self._config.gradient_clipping"),
+    ("deepspeed.runtime.engine:DeepSpeedEngine._configure_zero_optimizer",
+     "from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3"),
+    ("deepspeed.runtime.config:DeepSpeedConfig._initialize_params", "self.gradient_clipping = "),
+]
+PARAM_ATTRIBUTES = ["param.ds_shape = ", "param.ds_numel = ", "param.ds_tensor = ", "param.ds_id = ",
+                    "param.partition_numel = partition_numel"]
+
+
+@pytest.mark.parametrize("dotted,needle", SOURCES, ids=[f"{s[0].split('.')[-1]}:{s[1][:30]}" for s in SOURCES])
+def test_internal_source_holds(dotted, needle):
+    assert needle in inspect.getsource(resolve(dotted)), (dotted, needle)
+
+
+def test_zero3_parameter_attributes_are_set_by_zero_init():
+    source = inspect.getsource(resolve("deepspeed.runtime.zero.partition_parameters"))
+    missing = [a for a in PARAM_ATTRIBUTES if a not in source]
+    assert not missing, missing
+
+
+# ---------------------------------------------------------------- behaviour on stand-ins (one process)
+
+
+class FakeStage3:
+    """Stand-in for DeepSpeedZeroOptimizer_Stage3's overflow path."""
+
+    def __init__(self, overflow=False):
+        self.overflow, self._raw, self.cleanups = False, overflow, 0
+        self.clip_grad = 1.0
+
+    def _overflow_check_and_loss_scale_update(self, update_scale=True):
+        self.overflow = self._raw
+        return self.overflow if not update_scale else self._loss_scale_update_and_overflow_cleanup()
+
+    def _loss_scale_update_and_overflow_cleanup(self):
+        self.cleanups += 1
+        return self.overflow
+
+
+class FakeClientOptimizer:
+    def __init__(self):
+        self.steps = 0
+
+    def step(self):
+        self.steps += 1
+
+
+@pytest.mark.parametrize("skip,raw,expected", [(False, False, False), (True, False, True), (False, True, True)])
+def test_skip_switch_on_zero3_is_an_overflow(skip, raw, expected):
+    opt = FakeStage3(overflow=raw)
+    ds_internals.install_skip_switch(opt, lambda: skip)
+    assert opt._overflow_check_and_loss_scale_update() is expected
+    assert opt.cleanups == 1 and ds_internals.step_overflowed(opt) is expected
+    assert opt._overflow_check_and_loss_scale_update(update_scale=False) is expected and opt.cleanups == 1
+
+
+def test_skip_switch_without_zero3_skips_the_client_step():
+    opt, skip = FakeClientOptimizer(), [True]
+    ds_internals.install_skip_switch(opt, lambda: skip[0])
+    opt.step()
+    assert opt.steps == 0 and ds_internals.step_overflowed(opt)
+    skip[0] = False
+    opt.step()
+    assert opt.steps == 1 and not ds_internals.step_overflowed(opt)
+
+
+def test_gradient_clipping_goes_to_the_optimizer_or_the_engine_config():
+    class Engine:
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+            self._config = type("Config", (), {"gradient_clipping": 0.0})()
+
+    zero = Engine(FakeStage3())
+    ds_internals.set_gradient_clipping(zero, 2)
+    assert zero.optimizer.clip_grad == 2.0 and zero._config.gradient_clipping == 0.0
+    plain = Engine(FakeClientOptimizer())
+    ds_internals.set_gradient_clipping(plain, 0.5)
+    assert plain._config.gradient_clipping == 0.5
+
+
+def test_call_after_step_runs_after_each_step():
+    opt, calls = FakeClientOptimizer(), []
+    ds_internals.call_after_step(opt, lambda: calls.append(opt.steps))
+    opt.step()
+    opt.step()
+    assert calls == [1, 2]
+
+
+# ---------------------------------------------------------------- ownership: nobody else reaches in
+
+OTHERS = ["engine.py", "hierarchy.py", "block_scaling.py", "checkpoint.py", "powersgd.py"]
+FORBIDDEN = [r"deepspeed\.runtime", r"zero_to_fp32\b", r"deepspeed\.accelerator", r"deepspeed\.comm\.torch",
+             r"\._config\b", r"\.clip_grad\b", r"_get_param_partition_rank", r"_overflow_check",
+             r"\bpartition_numel\b", r"\.ds_(tensor|numel|shape|id)\b", r"is_fp16_supported\s*="]
+
+
+@pytest.mark.parametrize("name", OTHERS)
+def test_other_parallel_modules_leave_deepspeed_internals_to_the_one_module(name):
+    text = (ROOT / "dalle_ds" / "parallel" / name).read_text()
+    code = re.sub(r'""".*?"""', "", text, flags=re.DOTALL)  # docstrings may name the internals
+    hits = [pat for pat in FORBIDDEN if re.search(pat, code)]
+    assert not hits, f"{name} touches DeepSpeed internals {hits}: go through deepspeed_internals.py"
