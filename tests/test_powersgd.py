@@ -26,7 +26,8 @@ def _compress_once(m, cfg, key="w"):
 
 
 def test_split_rows_head_rows_tail():
-    assert split_rows(0, 12, 4) == split_rows(0, 12, 4)
+    s = split_rows(0, 12, 4)  # exactly three whole rows of a (., 4) matrix: no head, no tail
+    assert (s.head, s.rows, s.width, s.tail) == (0, 3, 4, 0)
     s = split_rows(6, 13, 4)  # elements 6..18 of a (., 4) matrix: 6,7 | rows 2..3 (8..15) | 16,17,18
     assert (s.head, s.rows, s.width, s.tail) == (2, 2, 4, 3)
     s = split_rows(1, 2, 4)  # inside one row: all head

@@ -4,7 +4,6 @@ filter, the scale update rule and the DeepSpeed precision modes. One process, ti
 from __future__ import annotations
 
 import copy
-import math
 from types import SimpleNamespace
 
 import pytest
@@ -279,9 +278,17 @@ def test_resolve_ds_config_modes():
     assert precision.resolve_ds_config({}, CFG)[0] == "fp32"
     with pytest.raises(ConfigError, match="fp16.loss_scale=0"):
         precision.resolve_ds_config({"fp16": {"enabled": True, "loss_scale": 0}}, cpu_ok)
-    if not precision.fp16_supported():  # CPUs without AVX512-FP16/AMX report no fp16 support
-        with pytest.raises(ConfigError, match="precision.allow_fp16_on_cpu"):
-            precision.resolve_ds_config(v100, CFG)
+
+
+
+def test_fp16_without_fp16_hardware_needs_the_opt_in(monkeypatch):
+    # The answer must not depend on the host: pretend it lacks fp16 (CPUs without AVX512-FP16/AMX), then has it.
+    v100 = {"zero_optimization": {"stage": 3}, "fp16": {"enabled": True, "loss_scale": 1.0}}
+    monkeypatch.setattr(precision, "fp16_supported", lambda: False)
+    with pytest.raises(ConfigError, match="precision.allow_fp16_on_cpu"):
+        precision.resolve_ds_config(v100, CFG)
+    monkeypatch.setattr(precision, "fp16_supported", lambda: True)
+    assert precision.resolve_ds_config(v100, CFG)[0] == "fp16_block"
 
 
 def test_v100_config_file_declares_fp16_with_unit_loss_scale():
