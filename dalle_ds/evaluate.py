@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dalle_ds.data.shards import IMAGE_SUFFIXES
 from dalle_ds.evaluation import metrics
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def load_folder(folder: str | Path, size: int | None = None, limit: int | None = None) -> tuple[torch.Tensor, list[str]]:

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.time()
 
     # 1. the CLIP: the project's small one, trained on the same shards
-    from dalle_ds.models.dvae import load_dvae
+    from dalle_ds.models.dvae_io import load_dvae
 
     size = load_dvae(args.dvae).cfg.downsample * json.loads(Path(args.checkpoint, "config.json").read_text())["image_grid"]
     if args.retrain_clip or not (clip_dir / "config.json").is_file():

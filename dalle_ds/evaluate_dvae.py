@@ -17,32 +17,32 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dalle_ds.data import storage  # noqa: E402
 from dalle_ds.evaluation.reconstruction import evaluate_reconstruction  # noqa: E402
-from dalle_ds.models.dvae import load_dvae  # noqa: E402
+from dalle_ds.models.dvae_io import load_dvae  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
     from dalle_ds.data.loaders import ImageShardLoader
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="dVAE export folder (model.safetensors + config.json)")
+    ap.add_argument("--checkpoint", required=True, help="dVAE export folder (model.safetensors + config.json), local or s3://")
     ap.add_argument("--shards", required=True, help="held-out image shards (paths, braces, globs, s3://)")
     ap.add_argument("--image_size", type=int, default=None, help="default: the export's data.image_size")
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--max_images", type=int, default=None)
-    ap.add_argument("--grid", default=None, help="PNG path (default: CHECKPOINT/eval_grid.png)")
+    ap.add_argument("--grid", default=None, help="PNG path (default: CHECKPOINT/eval_grid.png, ./ for s3://)")
     ap.add_argument("--json", default=None, help="also write the metrics here")
     args = ap.parse_args(argv)
 
     vae = load_dvae(args.checkpoint)
-    with open(os.path.join(args.checkpoint, "config.json")) as f:
-        meta = json.load(f)
-    size = args.image_size or meta.get("image_size")
+    size = args.image_size or vae.export_meta.get("image_size")
     if size is None:
         raise SystemExit(f"{args.checkpoint}/config.json has no image_size: pass --image_size")
     loader = ImageShardLoader(args.shards, args.batch_size, mode="eval", size=size, rank=0, world_size=1,
                               shuffle=False, infinite=False)
-    grid_path = args.grid or os.path.join(args.checkpoint, "eval_grid.png")
+    grid_path = args.grid or ("eval_grid.png" if storage.is_s3(args.checkpoint)
+                              else os.path.join(args.checkpoint, "eval_grid.png"))
     metrics = evaluate_reconstruction(vae, loader, args.max_images, grid_path)
     metrics.pop("grid")
     print(f"images {metrics['images']}  PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.4f}  "

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from dalle_ds.data import storage
+from dalle_ds.data.shards import INPUT_IMAGE_EXTS
 from data_prep._shard_sample import Item
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "jfif", "ppm", "pgm")
 TABLE_EXTS = (".tsv", ".csv", ".jsonl")
 IMAGE_COLUMNS = ("image", "image_path", "path", "filepath", "file", "filename", "url")
 CAPTION_COLUMNS = ("caption", "text", "title", "prompt")
@@ -245,7 +245,7 @@ def _tar_items(url: str) -> Iterator[Item]:
 
 def _tar_item(url: str, key: str, members: dict[str, bytes]) -> Item:
     source = f"{url}#{key}"
-    image_ext = next((e for e in IMAGE_EXTS if e in members), None)
+    image_ext = next((e for e in INPUT_IMAGE_EXTS if e in members), None)
     if image_ext is None:
         return Item(0, source, None, None, reason="missing_image", detail=f"members {sorted(members)}")
     caption: bytes | str | None = members.get("txt")

@@ -13,10 +13,12 @@ UTF-8), ``<key>.json`` (source, original width/height, mode, pixel hash); ``reje
 Determinism: samples are processed in input order (workers only decode/resize/encode, results
 are consumed in order), the first of several identical images is kept, and a shard is closed
 every ``--samples-per-shard`` kept samples, so the shards are a pure function of the input and
-the config, byte for byte, whatever ``--workers`` is (tar headers carry fixed mtime/uid/mode).
+the config, byte for byte, whatever ``--workers`` is (tar headers carry fixed mtime/uid/mode:
+:class:`dalle_ds.data.shards.ShardWriter`).
 
-Resume: each finished shard is renamed into place (or uploaded whole to S3), then a progress
-record ``_progress/{prefix}-NNNNNN.json`` stores the next input index, the drops and the pixel
+Resume (the scheme of :class:`dalle_ds.data.shards.Progress`, shared with tokenize_images): each
+finished shard is renamed into place (or uploaded whole to S3), then its progress record
+``_progress/{prefix}-NNNNNN.tar.json`` stores the next input index, the drops and the pixel
 hashes of its samples. A re-run (after ``kill -9`` at any point) skips the recorded shards,
 rebuilds the duplicate filter from their hashes and goes on from the next input. ``manifest.json``
 is written after everything else; a re-run against a finished output does nothing.
@@ -29,16 +31,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import hashlib
-import io
 import json
 import multiprocessing as mp
 import os
 import re
 import signal
 import sys
-import tarfile
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
@@ -52,14 +50,15 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from tqdm import tqdm  # noqa: E402
 
 from dalle_ds.data import storage  # noqa: E402
+from dalle_ds.data.shards import (  # noqa: E402
+    MANIFEST, Progress, ShardWriter, build_manifest, count_drops, write_manifest,
+)
 from data_prep._shard_inputs import discover, fingerprint, iter_items, known_count  # noqa: E402
 from data_prep._shard_sample import (  # noqa: E402
     DROP_REASONS, Item, Outcome, SampleConfig, meta_bytes, process, process_batch,
 )
 
 FORMAT = "dalle-ds/image-shards/1"
-TAR_MTIME = 946684800  # 2000-01-01: fixed so that shard bytes do not depend on when they were made
-PROGRESS = "_progress"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,11 +103,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     sources = discover(args.input)
     fp = fingerprint(sources)
-    out = args.output.rstrip("/") if not storage.is_s3(args.output) else args.output.rstrip("/") + "/"
+    out = args.output.rstrip("/")
     done = _check_output(out, config, fp, args.overwrite)
     if done is not None:
-        _remove_progress(out)  # leftovers of a run killed between the manifest and this clean-up
-        print(f"{_join(out, 'manifest.json')}: already complete ({done['samples']} samples, "
+        Progress(out).clear()  # leftovers of a run killed between the manifest and this clean-up
+        print(f"{storage.join(out, MANIFEST)}: already complete ({done['samples']} samples, "
               f"{len(done['shards'])} shards); nothing to do")
         return done
 
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     bar = tqdm(total=total, initial=state.next_item, unit="img", smoothing=0.05, mininterval=0.5,
                disable=args.no_progress, desc="shard_corpus")
     n_items, n_dropped = state.next_item, sum(sum(r["drops"].values()) for r in state.records)
-    writer: _ShardWriter | None = None
+    writer: ShardWriter | None = None
     for outcome in _run(items, cfg, args.workers):
         n_items = outcome.index + 1
         bar.update(1)
@@ -134,8 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         state.seen.add(int(outcome.pixel_hash, 16))
         if writer is None:
-            writer = _ShardWriter(out, args.prefix, len(state.records))
-        writer.add(outcome)
+            writer = ShardWriter(out, shard_name(args.prefix, len(state.records)))
+        writer.add(f"{outcome.index:09d}", {"jpg": outcome.jpg, "txt": outcome.txt, "json": meta_bytes(outcome.meta)})
+        state.hashes.append(outcome.pixel_hash)
         if writer.count == args.samples_per_shard:
             state.finish(writer, next_item=n_items)
             writer = None
@@ -189,120 +189,56 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-# ---------------------------------------------------------------- shards
-
-
-def _join(base: str, name: str) -> str:
-    return base + name if storage.is_s3(base) else os.path.join(base, name)
+# ---------------------------------------------------------------- shards and resume (dalle_ds.data.shards)
 
 
 def shard_name(prefix: str, n: int) -> str:
     return f"{prefix}-{n:06d}.tar"
 
 
-def _tmp_path(out: str, name: str) -> str:
-    if storage.is_s3(out):
-        tag = hashlib.sha1(out.encode()).hexdigest()[:12]
-        return os.path.join(tempfile.gettempdir(), f"dalle-ds-shard-{tag}-{name}.tmp")
-    return os.path.join(out, f".{name}.tmp")
-
-
-class _ShardWriter:
-    """Streams samples into a local temp tar; ``close`` makes it visible whole (rename / upload)."""
-
-    def __init__(self, out: str, prefix: str, number: int):
-        self.name = shard_name(prefix, number)
-        self.url = _join(out, self.name)
-        self.tmp = _tmp_path(out, self.name)
-        Path(self.tmp).parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.tmp, "wb")
-        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
-        self.count = 0
-        self.hashes: list[str] = []
-
-    def _member(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        self.tar.addfile(info, io.BytesIO(data))
-
-    def add(self, o: Outcome) -> None:
-        key = f"{o.index:09d}"
-        self._member(f"{key}.jpg", o.jpg)
-        self._member(f"{key}.txt", o.txt)
-        self._member(f"{key}.json", meta_bytes(o.meta))
-        self.count += 1
-        self.hashes.append(o.pixel_hash)
-
-    def close(self) -> None:
-        self.tar.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        if storage.is_s3(self.url):
-            storage.upload_file(self.tmp, self.url)  # multipart above 8 MB; visible only when complete
-            os.remove(self.tmp)
-        else:
-            os.replace(self.tmp, self.url)
-
-
 class _ResumeState:
-    """Finished shards (from their progress records), the duplicate filter and pending drops."""
+    """Finished shards (from their progress records), the duplicate filter and pending drops.
 
-    def __init__(self, out: str, prefix: str):
-        self.out, self.prefix = out, prefix
+    Shards are numbered in input order, so the finished ones are the unbroken run from 0; each
+    record holds the next input index, the drops since the previous shard and its pixel hashes.
+    """
+
+    def __init__(self, out: str):
+        self.progress = Progress(out)
         self.records: list[dict] = []
         self.seen: set[int] = set()
         self.next_item = 0
         self.drops: collections.Counter = collections.Counter()  # since the last record
         self.rejects: list[dict] = []  # since the last record
+        self.hashes: list[str] = []  # of the open shard's samples
 
     @classmethod
     def load(cls, out: str, prefix: str) -> "_ResumeState":
-        state = cls(out, prefix)
-        progress = _join(out, PROGRESS + "/")
-        names = set(storage.listdir(progress)) if _exists_dir(progress) else set()
-        n = 0
-        while f"{shard_name(prefix, n)[:-4]}.json" in names:
-            record = storage.read_json(_join(progress, f"{shard_name(prefix, n)[:-4]}.json"))
-            if not storage.exists(_join(out, record["shard"])):
-                break
+        state = cls(out)
+        finished = state.progress.finished()
+        while (name := shard_name(prefix, len(state.records))) in finished:
+            record = state.progress.record(name)
             state.records.append(record)
             state.seen.update(int(h, 16) for h in record["hashes"])
             state.next_item = record["next_item"]
-            n += 1
-        _clean_tmp(out, prefix)
+        state.progress.remove_temps(f"{prefix}-[0-9]*.tar")
         return state
 
     def drop(self, o: Outcome) -> None:
         self.drops[o.reason] += 1
         self.rejects.append({"index": o.index, "source": o.source, "reason": o.reason, "detail": o.detail})
 
-    def finish(self, writer: _ShardWriter, next_item: int) -> None:
-        writer.close()
-        record = {"shard": writer.name, "samples": writer.count, "next_item": next_item,
-                  "drops": dict(self.drops), "rejects": self.rejects, "hashes": writer.hashes}
-        storage.write_json_atomic(_join(_join(self.out, PROGRESS + "/"), f"{writer.name[:-4]}.json"), record)
+    def finish(self, writer: ShardWriter, next_item: int) -> None:
+        record = self.progress.finish(writer, {"next_item": next_item, "drops": dict(self.drops),
+                                               "rejects": self.rejects, "hashes": self.hashes})
         self.records.append(record)
         self.next_item = next_item
-        self.drops, self.rejects = collections.Counter(), []
-
-
-def _exists_dir(url: str) -> bool:
-    return True if storage.is_s3(url) else os.path.isdir(url)
-
-
-def _clean_tmp(out: str, prefix: str) -> None:
-    """Temp tars of a killed run (local only; S3 never shows an incomplete upload)."""
-    pattern = _tmp_path(out, f"{prefix}-*.tar").replace(f"{prefix}-*.tar", f"{prefix}-[0-9]*.tar")
-    for path in glob.glob(pattern):
-        os.remove(path)
+        self.drops, self.rejects, self.hashes = collections.Counter(), [], []
 
 
 def _check_output(out: str, config: dict, fp: str, overwrite: bool) -> dict | None:
     """The finished manifest if this exact job is already done; refuse to mix different jobs."""
-    manifest_url, run_url = _join(out, "manifest.json"), _join(out, f"{PROGRESS}/run.json")
+    manifest_url, progress = storage.join(out, MANIFEST), Progress(out)
     mine = {"config": config, "input_fingerprint": fp}
     if storage.exists(manifest_url):
         old = storage.read_json(manifest_url)
@@ -311,51 +247,33 @@ def _check_output(out: str, config: dict, fp: str, overwrite: bool) -> dict | No
         if not overwrite:
             raise SystemExit(f"{manifest_url}: made from other inputs or config; use --overwrite or another --output")
         for shard in old.get("shards", []):
-            storage.remove(_join(out, shard["name"]))
+            storage.remove(storage.join(out, shard["name"]))
         storage.remove(manifest_url)
-    if storage.exists(run_url):
-        old = storage.read_json(run_url)
-        if old != mine:
-            if not overwrite:
-                raise SystemExit(f"{run_url}: an unfinished job with other inputs or config is in this output; "
-                                 "use --overwrite or another --output")
-            _remove_progress(out)
-    storage.write_json_atomic(run_url, mine)
+    if progress.claim(mine) is not None:
+        if not overwrite:
+            raise SystemExit(f"{progress.job_url}: an unfinished job with other inputs or config is in this output; "
+                             "use --overwrite or another --output")
+        progress.clear()
+        progress.claim(mine)
     return None
 
 
-def _remove_progress(out: str) -> None:
-    progress = _join(out, PROGRESS + "/")
-    if _exists_dir(progress):
-        for name in storage.listdir(progress):
-            storage.remove(_join(progress, name))
-        if not storage.is_s3(out):
-            os.rmdir(progress)
-
-
 def _finalise(out: str, state: _ResumeState, config: dict, fp: str, n_items: int) -> dict:
-    drops = collections.Counter({r: 0 for r in DROP_REASONS})
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as rej:
-        for record in state.records:
-            drops.update(record["drops"])
-            for line in record["rejects"]:
+        for rejects in [r["rejects"] for r in state.records] + [state.rejects]:
+            for line in rejects:
                 rej.write(json.dumps(line, ensure_ascii=False) + "\n")
-        drops.update(state.drops)
-        for line in state.rejects:
-            rej.write(json.dumps(line, ensure_ascii=False) + "\n")
-    storage.upload_file(rej.name, _join(out, "rejects.jsonl"))
+    storage.upload_file(rej.name, storage.join(out, "rejects.jsonl"))
     os.remove(rej.name)
-    shards = [{"name": r["shard"], "samples": r["samples"]} for r in state.records]
-    kept = sum(s["samples"] for s in shards)
-    if kept + sum(drops.values()) != n_items:
-        raise RuntimeError(f"internal error: kept {kept} + dropped {sum(drops.values())} != inputs {n_items}")
-    manifest = {"format": FORMAT, "created_by": "data_prep/shard_corpus.py", "shards": shards, "samples": kept,
-                "inputs": n_items, "dropped": dict(drops), "rejects": "rejects.jsonl", "config": config,
-                "input_fingerprint": fp}
-    storage.write_json_atomic(_join(out, "manifest.json"), manifest)
-    _remove_progress(out)
+    drops = count_drops(DROP_REASONS, *(r["drops"] for r in state.records), state.drops)
+    manifest = build_manifest(FORMAT, "data_prep/shard_corpus.py", state.records, drops, "rejects.jsonl", config, fp)
+    if manifest["inputs"] != n_items:
+        raise RuntimeError(f"internal error: kept {manifest['samples']} + dropped {sum(drops.values())} "
+                           f"!= inputs {n_items}")
+    url = write_manifest(out, manifest)
+    state.progress.clear()
     dropped = {k: v for k, v in drops.items() if v}
-    print(f"{_join(out, 'manifest.json')}: kept {kept} of {n_items} inputs in {len(shards)} shard(s); "
+    print(f"{url}: kept {manifest['samples']} of {n_items} inputs in {len(manifest['shards'])} shard(s); "
           f"dropped {sum(dropped.values())} {dropped}")
     return manifest
 

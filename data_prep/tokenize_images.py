@@ -16,11 +16,12 @@ counted by reason; an unreadable shard, a missing shard or a dVAE export that do
 stop the job before any work, naming the path.
 
 Split. The sorted input list is cut into ``--num-parts`` contiguous ranges (default: the SLURM
-job array, SLURM_ARRAY_TASK_ID / _COUNT); within a part the launcher's ranks (torchrun /
-deepspeed launcher RANK/WORLD_SIZE, srun SLURM_PROCID/SLURM_STEP_NUM_TASKS) take every
-world_size-th shard. Processes never talk to each other (no process group, so a slow rank
-cannot time out the others): every shard has exactly one owner, and ranks of one part, array
-tasks and re-runs coordinate only through the output folder.
+job array: :func:`dalle_ds.parallel.dist.slurm_array_part`); within a part the launcher's
+ranks (torchrun / deepspeed launcher RANK/WORLD_SIZE, srun SLURM_PROCID/SLURM_STEP_NUM_TASKS:
+:func:`dalle_ds.parallel.dist.launch_info`) take every world_size-th shard. Processes never
+talk to each other (no process group, so a slow rank cannot time out the others): every shard
+has exactly one owner, and ranks of one part, array tasks and re-runs coordinate only through
+the output folder.
 
 Resume. A shard's tar is written whole (temp file + rename, or one S3 PUT), then its sidecar
 ``_progress/NAME.json`` (sample and drop counts, rejects); a shard is finished when its sidecar
@@ -43,16 +44,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import hashlib
 import io
 import json
-import math
 import os
 import queue
 import random
 import sys
-import tarfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -69,13 +67,15 @@ from tqdm import tqdm  # noqa: E402
 
 from dalle_ds.data import storage  # noqa: E402
 from dalle_ds.data.augment import Augment  # noqa: E402
-from dalle_ds.data.loaders import IMAGE_EXTS, iter_shard  # noqa: E402
-from dalle_ds.parallel.dist import detect_launcher  # noqa: E402
-from dalle_ds.models.dvae_io import load_exported  # noqa: E402
-from data_prep.shard_corpus import TAR_MTIME  # noqa: E402
+from dalle_ds.data.loaders import iter_shard  # noqa: E402
+from dalle_ds.data.shards import (  # noqa: E402
+    IMAGE_EXTS, MANIFEST, PROGRESS, Progress, ShardWriter, build_manifest, count_drops, job_diff, write_manifest,
+)
+from dalle_ds.parallel.dist import launch_info, slurm_array_part  # noqa: E402
+from dalle_ds.models.dvae_io import load_dvae  # noqa: E402
+from dalle_ds.models.dvae_loss import psnr  # noqa: E402
 
 FORMAT = "dalle-ds/token-shards/1"
-PROGRESS = "_progress"
 DROP_REASONS = ("missing_image", "corrupt_image", "missing_caption", "caption_not_utf8")
 TEST_DELAY_ENV = "DALLE_DS_TOKENIZE_TEST_DELAY"  # tests only: seconds to sleep per batch (kill -9 mid-job)
 
@@ -109,7 +109,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     # -- who am I: array part, launcher rank
     part, num_parts = array_part(args.part, args.num_parts)
-    rank, world, local_rank, local_world = launcher_rank()
+    try:
+        who = launch_info()  # torchrun / deepspeed launcher / srun ranks; no process group
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    rank, world, local_rank, local_world = who.rank, who.world_size, who.local_rank, who.local_world_size
     tag = f"[part {part}/{num_parts} rank {rank}/{world}]"
     # -- inputs, dVAE and output, all checked before any work
     try:
@@ -118,9 +122,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--input: {e}") from None
     names = check_inputs(urls, args.output)
     try:
-        vae, meta = load_exported(args.dvae)
-    except (ValueError, FileNotFoundError, OSError) as e:
+        vae = load_dvae(args.dvae)
+    except (ValueError, OSError) as e:
         raise SystemExit(f"--dvae {args.dvae}: {e}") from None
+    meta = vae.export_meta
     image_size = args.image_size or meta.get("image_size")
     if not image_size:
         raise SystemExit(f"--dvae {args.dvae}: config.json has no image_size; pass --image-size")
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # -- this process's shards
     mine = plan_shards(len(urls), part, num_parts, rank, world)
-    finished = finished_shards(out)
+    finished = Progress(out).finished()
     todo = [urls[i] for i in mine if names[i] not in finished]
     print(f"{tag} {len(urls)} shards in all, {len(mine)} mine, {len(mine) - len(todo)} already finished; "
           f"{image_size}px -> {grid}x{grid} codes of {vae.cfg.codebook_size}, dVAE {meta['dvae_hash'][:12]}",
@@ -193,38 +198,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def array_part(part: int | None, num_parts: int | None) -> tuple[int, int]:
-    """(part, parts) from the flags, else from the SLURM job array (its ids may start above 0 or step)."""
-    env = os.environ
-    if num_parts is None and part is None and "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        step = int(env.get("SLURM_ARRAY_TASK_STEP", 1) or 1)
-        part = (int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))) // step
-        num_parts = int(env["SLURM_ARRAY_TASK_COUNT"])
-        where = (f"SLURM_ARRAY_TASK_ID={env['SLURM_ARRAY_TASK_ID']} (min {env.get('SLURM_ARRAY_TASK_MIN', 0)}, "
-                 f"step {step}) of SLURM_ARRAY_TASK_COUNT={num_parts}")
+    """(part, parts) from the flags, else from the SLURM job array (:func:`dalle_ds.parallel.dist.slurm_array_part`)."""
+    try:
+        array = slurm_array_part() if part is None and num_parts is None else None
+    except ValueError as e:
+        raise SystemExit(f"{e} (--part / --num-parts)") from None
+    if array is not None:
+        part, num_parts = array
+        where = f"SLURM array element {part} of {num_parts}"
     else:
         part, num_parts = part or 0, num_parts or 1
         where = f"--part {part} --num-parts {num_parts}"
     if num_parts < 1 or not 0 <= part < num_parts:
         raise SystemExit(f"{where}: need 0 <= part < num_parts")
     return part, num_parts
-
-
-def launcher_rank() -> tuple[int, int, int, int]:
-    """(rank, world_size, local_rank, local_world_size) from torchrun / the deepspeed launcher / srun."""
-    env = os.environ
-    match detect_launcher():
-        case "torchrun":
-            rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-            local, local_world = int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", world))
-        case "slurm":
-            rank, world = int(env["SLURM_PROCID"]), int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
-            nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_JOB_NUM_NODES") or 1)
-            local, local_world = int(env.get("SLURM_LOCALID", 0)), max(1, world // nodes)
-        case _:
-            rank, world, local, local_world = 0, 1, 0, 1
-    if not 0 <= rank < world:
-        raise SystemExit(f"rank {rank} of world size {world}: need 0 <= rank < world size")
-    return rank, world, local, local_world
 
 
 def plan_shards(n: int, part: int, num_parts: int, rank: int, world: int) -> list[int]:
@@ -282,31 +269,18 @@ def _same(a: str, b: str) -> bool:
 
 def claim_output(out: str, job: dict) -> None:
     """Refuse an output made with another dVAE, image size or input list; record ours."""
-    url = storage.join(storage.join(out, PROGRESS), "job.json")
-    if storage.exists(url):
-        old = storage.read_json(url)
-        if old != job:
-            diff = {k: (old.get(k), v) for k, v in job.items() if old.get(k) != v}
-            shown = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-            raise SystemExit(f"{url}: --output holds tokens of another job ({shown}); use another --output "
-                             f"or delete it")
-        return
-    storage.write_json_atomic(url, job)
-
-
-def finished_shards(out: str) -> set[str]:
-    """Names of the finished output shards (those with a sidecar), one listing."""
-    folder = storage.join(out, PROGRESS)
-    if not storage.is_s3(folder) and not os.path.isdir(folder):
-        return set()
-    return {n[: -len(".json")] for n in storage.listdir(folder) if n.endswith(".tar.json")}
+    progress = Progress(out)
+    old = progress.claim(job)
+    if old is not None:
+        raise SystemExit(f"{progress.job_url}: --output holds tokens of another job ({job_diff(old, job)}); "
+                         f"use another --output or delete it")
 
 
 def input_sample_count(urls: list[str]) -> int | None:
     """Total samples of ``urls`` from the image shards' manifest.json (for the progress bar), if known."""
     counts: dict[str, int] = {}
     for folder in {u.rsplit("/", 1)[0] for u in urls if "/" in u}:
-        path = storage.join(folder, "manifest.json")
+        path = storage.join(folder, MANIFEST)
         try:
             if storage.exists(path):
                 for s in storage.read_json(path).get("shards", []):
@@ -434,33 +408,21 @@ class BatchEncoder:
         return codes.flatten(1).to("cpu", torch.int32).numpy().astype("<u2")  # (B, grid*grid)
 
 
-def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uid, info.gid = len(data), TAR_MTIME, 0o644, 0, 0
-    tar.addfile(info, io.BytesIO(data))
-
-
 class TokenShardWriter:
-    """One output shard built in memory; ``close`` writes it whole, then its sidecar (= finished)."""
+    """One output shard (:class:`dalle_ds.data.shards.ShardWriter`); ``close`` publishes it, then its record (= finished)."""
 
     def __init__(self, out: str, source: str):
-        self.out, self.source, self.name = out, source, shard_name(source)
-        self.buf = io.BytesIO()
-        self.tar = tarfile.open(fileobj=self.buf, mode="w", format=tarfile.USTAR_FORMAT)
-        self.samples, self.rejects = 0, []
+        self.progress, self.source = Progress(out), source
+        self.shard = ShardWriter(out, shard_name(source))
+        self.rejects: list[dict] = []
         self.dropped = collections.Counter({r: 0 for r in DROP_REASONS})
-        if not storage.is_s3(out):  # temp files of a killed run (S3 never shows a partial PUT)
-            for tmp in glob.glob(os.path.join(glob.escape(out), f".{glob.escape(self.name)}.*.tmp")):
-                os.remove(tmp)
 
     def add(self, records: list[dict], codes: np.ndarray) -> None:
         for rec, row in zip(records, codes):
             meta = _json_dict(rec["json"])
-            meta["source_shard"] = self.name
-            _tar_member(self.tar, f"{rec['key']}.codes", row.tobytes())
-            _tar_member(self.tar, f"{rec['key']}.txt", rec["txt"])
-            _tar_member(self.tar, f"{rec['key']}.json", json.dumps(meta, sort_keys=True).encode())
-        self.samples += len(records)
+            meta["source_shard"] = self.shard.name
+            self.shard.add(rec["key"], {"codes": row.tobytes(), "txt": rec["txt"],
+                                        "json": json.dumps(meta, sort_keys=True).encode()})
 
     def drop(self, records: list[dict]) -> None:
         for rec in records:
@@ -468,13 +430,9 @@ class TokenShardWriter:
             self.rejects.append({"key": rec["key"], "reason": rec["reason"], "detail": rec["detail"][:300]})
 
     def close(self, job: dict) -> dict:
-        self.tar.close()
-        storage.write_bytes_atomic(storage.join(self.out, self.name), self.buf.getvalue())
-        record = {"name": self.name, "source": self.source, "samples": self.samples,
-                  "inputs": self.samples + sum(self.dropped.values()), "dropped": dict(self.dropped),
-                  "rejects": self.rejects, "job": job}
-        storage.write_json_atomic(storage.join(storage.join(self.out, PROGRESS), self.name + ".json"), record)
-        return record
+        return self.progress.finish(self.shard, {
+            "source": self.source, "inputs": self.shard.count + sum(self.dropped.values()),
+            "dropped": dict(self.dropped), "rejects": self.rejects, "job": job})
 
 
 def _json_dict(raw: bytes | None) -> dict:
@@ -491,31 +449,25 @@ def _json_dict(raw: bytes | None) -> dict:
 
 
 def finalize(out: str, urls: list[str], job: dict, config: dict, require: bool) -> dict | None:
-    """Build manifest.json from the sidecars if every input shard is finished (else None, or exit)."""
+    """Build manifest.json from the records if every input shard is finished (else None, or exit)."""
     names = [shard_name(u) for u in urls]
-    finished = finished_shards(out)
+    progress = Progress(out)
+    finished = progress.finished()
     missing = [n for n in names if n not in finished]
     if missing:
         if require:
             raise SystemExit(f"{out}: {len(missing)} of {len(names)} shards are not finished: {missing[:5]}")
         return None
-    records = [storage.read_json(storage.join(storage.join(out, PROGRESS), n + ".json")) for n in names]
+    records = [progress.record(n) for n in names]
     foreign = [r["name"] for r in records if r.get("job") != job]
     if foreign:
         raise SystemExit(f"{out}: shards made by another job (dVAE/inputs differ): {foreign[:5]}")
-    dropped = collections.Counter({r: 0 for r in DROP_REASONS})
-    for r in records:
-        dropped.update(r["dropped"])
-    samples = sum(r["samples"] for r in records)
-    manifest = {**{k: job[k] for k in ("format", "grid_size", "codebook_size", "dvae_hash", "image_size")},
-                "created_by": "data_prep/tokenize_images.py",
-                "shards": [{"name": r["name"], "samples": r["samples"]} for r in records],
-                "samples": samples, "inputs": samples + sum(dropped.values()), "dropped": dict(dropped),
-                "rejects": f"{PROGRESS}/<shard>.json", "config": {**config, "preprocessing": job["preprocessing"]},
-                "input_fingerprint": job["inputs"]}
-    url = storage.join(out, "manifest.json")
-    storage.write_json_atomic(url, manifest)
-    print(f"{url}: {samples} samples in {len(records)} token shards, dropped "
+    dropped = count_drops(DROP_REASONS, *(r["dropped"] for r in records))
+    manifest = build_manifest(FORMAT, "data_prep/tokenize_images.py", records, dropped, f"{PROGRESS}/<shard>.json",
+                              {**config, "preprocessing": job["preprocessing"]}, job["inputs"],
+                              **{k: job[k] for k in ("grid_size", "codebook_size", "dvae_hash", "image_size")})
+    url = write_manifest(out, manifest)
+    print(f"{url}: {manifest['samples']} samples in {len(records)} token shards, dropped "
           f"{ {k: v for k, v in dropped.items() if v} }", file=sys.stderr, flush=True)
     return manifest
 
@@ -525,8 +477,8 @@ def finalize(out: str, urls: list[str], job: dict, config: dict, require: bool) 
 
 def verify(out: str, vae: torch.nn.Module, augment: Augment, device: torch.device, args: argparse.Namespace) -> dict:
     """PSNR of K random finished samples decoded from their stored codes against their preprocessed sources."""
-    folder = storage.join(out, PROGRESS)
-    records = [storage.read_json(storage.join(folder, n + ".json")) for n in sorted(finished_shards(out))]
+    progress = Progress(out)
+    records = [progress.record(n) for n in sorted(progress.finished())]
     population = [(r["name"], i) for r in records for i in range(r["samples"])]
     if not population:
         raise SystemExit(f"--verify: {out} has no finished samples yet")
@@ -565,7 +517,7 @@ def verify(out: str, vae: torch.nn.Module, augment: Augment, device: torch.devic
             agree += int((vae.encode(x).flatten(1) == c).sum())
     mse = sq_err / images_t.numel()
     result = {"samples": len(keys), "shards": len(wanted), "mse": mse,
-              "psnr": 10 * math.log10(1.0 / max(mse, 1e-12)), "code_agreement": agree / codes_t.numel(),
+              "psnr": psnr(mse), "code_agreement": agree / codes_t.numel(),
               "keys": keys}
     print(f"verify: {len(keys)} samples from {len(wanted)} shard(s): PSNR {result['psnr']:.2f} dB (MSE {mse:.6f}); "
           f"re-encoding reproduces {100 * result['code_agreement']:.2f}% of the stored codes", file=sys.stderr,

@@ -363,3 +363,38 @@ def test_corrupt_image_and_truncated_shard_are_named(tmp_path):
     (tmp_path / "shard-000001.tar").write_bytes(data[: len(data) // 2 + 100])  # cut mid-member
     with pytest.raises(ShardError, match=r"shard-000001\.tar: cannot read shard"):
         _keys(ImageShardLoader(str(tmp_path), batch_size=8, mode="eval", size=16, infinite=False, shuffle=False))
+
+
+# ---------------------------------------------------------------- dalle_ds.data.shards: the writer both shard jobs use
+
+
+def test_shard_writer_and_progress(tmp_path):
+    import tarfile
+
+    from dalle_ds.data.shards import Progress, ShardWriter, build_manifest, job_diff
+
+    out = tmp_path / "out"
+    progress = Progress(str(out))
+    assert progress.finished() == set() and progress.claim({"config": 1}) is None
+    assert progress.claim({"config": 1}) is None and progress.claim({"config": 2}) == {"config": 1}
+    assert job_diff({"config": 1}, {"config": 2}) == "config: 1 there, 2 now"
+    blobs = []
+    for name in ("a.tar", "b.tar"):
+        w = ShardWriter(str(out), name)
+        w.add("k0", {"codes": b"\x01\x00", "txt": b"one"})
+        w.add("k1", {"codes": b"\x02\x00", "txt": b"two"})
+        assert not (out / name).exists() and (out / f".{name}.tmp").exists()  # invisible until finished
+        record = progress.finish(w, {"dropped": {"bad": 1}})
+        assert record == {"name": name, "samples": 2, "dropped": {"bad": 1}}
+        blobs.append((out / name).read_bytes())
+    assert blobs[0] == blobs[1]  # same members, same bytes: nothing depends on time or user
+    with tarfile.open(out / "a.tar") as tar:
+        assert [m.name for m in tar] == ["k0.codes", "k0.txt", "k1.codes", "k1.txt"]
+        assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in tar} == {(946684800, 0, 0, "", "", 0o644)}
+    assert progress.finished() == {"a.tar", "b.tar"} and progress.record("b.tar")["samples"] == 2
+    (out / "b.tar").unlink()  # a record without its shard is not finished
+    assert progress.finished() == {"a.tar"} and not list(out.glob(".*.tmp"))
+    m = build_manifest("fmt/1", "test", [progress.record("a.tar")], {"bad": 1, "other": 0}, "r.jsonl", {}, "fp", grid=4)
+    assert (m["samples"], m["inputs"], m["shards"], m["grid"]) == (2, 3, [{"name": "a.tar", "samples": 2}], 4)
+    progress.clear()
+    assert not (out / "_progress").exists() and progress.finished() == set()

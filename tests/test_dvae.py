@@ -8,9 +8,12 @@ import pytest
 import torch
 
 from dalle_ds.config import DVAEConfig, DVAETrainConfig
-from dalle_ds.models.dvae import DiscreteVAE, load_dvae, save_dvae
-from dalle_ds.models.dvae_loss import (DVAELossSpec, codebook_usage, dvae_loss, gumbel_softmax, kl_to_uniform,
-                                logit_laplace_nll, map_pixels, marginal_kl_to_uniform, mse_psnr, unmap_pixels)
+from dalle_ds.models.dvae import DiscreteVAE, save_dvae
+from dalle_ds.models.dvae_io import load_dvae
+from dalle_ds.models.dvae_loss import (DVAELossSpec, codebook_usage, dvae_loss, gumbel_softmax, histogram_usage,
+                                       kl_to_uniform, logit_laplace_nll, map_pixels, marginal_kl_to_uniform, mse_psnr,
+                                       unmap_pixels)
+from dalle_ds.models.dvae_loss import psnr as dvae_psnr
 from dalle_ds.training.ema import EMA
 from dalle_ds.training.schedules import DVAESchedule, cosine
 
@@ -124,6 +127,8 @@ def test_metrics_hand_values():
     assert mse == pytest.approx(0.01) and psnr == pytest.approx(20.0)
     perplexity, used = codebook_usage(torch.tensor([0, 0, 1, 1]), 4)
     assert perplexity == pytest.approx(2.0) and used == 0.5
+    assert histogram_usage(torch.tensor([2, 0, 2, 0])) == (pytest.approx(2.0), 0.5)
+    assert dvae_psnr(0.01) == pytest.approx(20.0) and dvae_psnr(0.0) == pytest.approx(120.0)
 
 
 # ---------------------------------------------------------------- schedules, EMA
@@ -227,7 +232,15 @@ def test_export_round_trip(vae, tmp_path):
     meta = save_dvae(vae, str(tmp_path / "exp"), extra={"image_size": 32})
     back = load_dvae(str(tmp_path / "exp"))
     assert back.cfg == SMALL and meta["image_size"] == 32 and len(meta["weights_sha256"]) == 64
+    assert back.export_meta == {**meta, "dvae_hash": meta["weights_sha256"]} and not back.training
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(back.logits(x), vae.logits(x))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_dvae(str(tmp_path))
+    other = save_dvae(DiscreteVAE(SMALL), str(tmp_path / "other"))
+    (tmp_path / "exp" / "config.json").write_text((tmp_path / "other" / "config.json").read_text())
+    with pytest.raises(ValueError, match="mixes two exports"):
+        load_dvae(str(tmp_path / "exp"))
+    from dalle_ds.models import dvae as dvae_module
+
+    assert dvae_module.load_dvae is load_dvae and other["weights_sha256"] != meta["weights_sha256"]

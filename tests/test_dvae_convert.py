@@ -8,7 +8,7 @@ import torch
 dall_e = pytest.importorskip("dall_e", reason="pip install --no-deps DALL-E==0.1")
 
 from dalle_ds.convert_openai_dvae import convert, main  # noqa: E402
-from dalle_ds.models.dvae import load_dvae  # noqa: E402
+from dalle_ds.models.dvae_io import load_dvae  # noqa: E402
 
 
 def _random_openai(n_hid: int, n_init: int, vocab: int, seed: int):

@@ -115,7 +115,7 @@ def test_sample_cli_writes_grid_json_and_completion(tmp_path):
 
     from dalle_ds import sample
     from dalle_ds.sampling import grids, pipeline
-    from dalle_ds.models.dvae import load_dvae
+    from dalle_ds.models.dvae_io import load_dvae
     from tests.eval_fixtures import train_tokenizer, write_image_shards
 
     write_image_shards(tmp_path / "shards", 64, size=16)

@@ -28,8 +28,8 @@ from dalle_ds.data import storage
 from dalle_ds.data.augment import Augment
 from dalle_ds.config import DVAEConfig
 from dalle_ds.data.loaders import TokenShardLoader, check_token_manifest, iter_shard
-from dalle_ds.models.dvae import DiscreteVAE, load_dvae, save_dvae
-from dalle_ds.models.dvae_io import dvae_hash, load_exported
+from dalle_ds.models.dvae import DiscreteVAE, save_dvae
+from dalle_ds.models.dvae_io import dvae_hash, load_dvae
 from data_prep import tokenize_images as tok
 from tests.multirank import run_ranks
 from tests.slurm_cluster import slurm_cluster  # noqa: F401 - fixture
@@ -132,7 +132,7 @@ def test_manifest_and_trainer_refusal(corpus, tmp_path):
     m = json.loads((Path(corpus["tokens"]) / "manifest.json").read_text())
     h = dvae_hash(corpus["export"])
     meta = json.loads((Path(corpus["export"]) / "config.json").read_text())
-    assert h == meta["weights_sha256"] == m["dvae_hash"] == load_exported(corpus["export"])[1]["dvae_hash"]
+    assert h == meta["weights_sha256"] == m["dvae_hash"] == load_dvae(corpus["export"]).export_meta["dvae_hash"]
     assert (m["grid_size"], m["codebook_size"], m["image_size"]) == (GRID, CFG.codebook_size, SIZE)
     per_shard = Counter(s["shard"] for k, s in corpus["samples"].items() if k not in BAD)
     assert m["shards"] == [{"name": f"shard-{i:06d}.tar", "samples": per_shard[f"shard-{i:06d}.tar"]}

@@ -70,8 +70,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from dalle_ds.data import storage
 from dalle_ds.data.augment import Augment
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+from dalle_ds.data.shards import IMAGE_EXTS, MANIFEST
 MAX_EMPTY_EPOCHS = 16
 
 
@@ -406,7 +405,7 @@ def check_token_manifest(shards_spec: str | list[str], expected_grid: int, expec
     urls = storage.expand_urls(shards_spec)
     manifests = []
     for folder in sorted({_folder(u) for u in urls}):
-        path = storage.join(folder, "manifest.json")
+        path = storage.join(folder, MANIFEST)
         if not storage.exists(path):
             raise FileNotFoundError(f"{path}: no manifest.json next to the token shards {shards_spec!r} "
                                     f"(data_prep/tokenize_images.py writes it)")

@@ -6,13 +6,13 @@ the decoder's mu, unmapped to [0, 1].
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
 import torch
 
 from dalle_ds.models.dvae import DiscreteVAE
+from dalle_ds.models.dvae_loss import histogram_usage, psnr
 
 
 def reconstruction_grid(images: torch.Tensor, recon: torch.Tensor, n: int = 8) -> torch.Tensor:
@@ -63,11 +63,8 @@ def evaluate_reconstruction(vae: DiscreteVAE, batches, max_images: int | None = 
     if n_images == 0:
         raise ValueError("evaluate: the shards gave no images")
     mse = sq_err / n_values
-    p = counts.double() / counts.sum()
-    entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+    perplexity, used_fraction = histogram_usage(counts)
     if grid_path:
         save_png(grid, grid_path)
-    return {"images": n_images, "mse": mse, "psnr": 10 * math.log10(1.0 / max(mse, 1e-12)),
-            "ssim": float(ssim.compute()), "perplexity": math.exp(entropy),
-            "codes_used": int((counts > 0).sum()), "codes_used_fraction": float((counts > 0).sum()) / len(counts),
-            "grid": grid}
+    return {"images": n_images, "mse": mse, "psnr": psnr(mse), "ssim": float(ssim.compute()), "perplexity": perplexity,
+            "codes_used": int((counts > 0).sum()), "codes_used_fraction": used_fraction, "grid": grid}

@@ -124,6 +124,7 @@ class DiscreteVAE(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        self.export_meta: dict = {}  # config.json + dvae_hash when loaded by dalle_ds.models.dvae_io.load_dvae
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
 
@@ -223,23 +224,10 @@ def save_dvae(vae: DiscreteVAE, out_dir: str, extra: dict | None = None) -> dict
     return meta
 
 
-def load_dvae(path: str, map_location: str = "cpu") -> DiscreteVAE:
-    """Load an export folder written by :func:`save_dvae` (or the converter)."""
-    import json
-    import os
+def __getattr__(name: str):
+    """``load_dvae`` lives in :mod:`dalle_ds.models.dvae_io` (local and s3:// exports); the old import path resolves there."""
+    if name == "load_dvae":
+        from dalle_ds.models.dvae_io import load_dvae
 
-    from safetensors.torch import load_file
-
-    from dalle_ds.config import _build
-
-    cfg_path, weights = os.path.join(path, EXPORT_CONFIG), os.path.join(path, EXPORT_WEIGHTS)
-    for p in (cfg_path, weights):
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"{p}: missing (a dVAE export folder holds {EXPORT_WEIGHTS} and {EXPORT_CONFIG})")
-    with open(cfg_path) as f:
-        meta = json.load(f)
-    if "dvae" not in meta:
-        raise ValueError(f"{cfg_path}: no 'dvae' key (keys: {sorted(meta)})")
-    vae = DiscreteVAE(_build(DVAEConfig, meta["dvae"], "dvae"))
-    vae.load_state_dict(load_file(weights, device=map_location))
-    return vae.eval()
+        return load_dvae
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

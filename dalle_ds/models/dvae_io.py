@@ -1,13 +1,15 @@
-"""dVAE exports from anywhere (folder or s3:// prefix) and the hash that ties token shards to them.
+"""Reading dVAE exports from anywhere (folder or s3:// prefix), and the hash that ties token shards to them.
 
-    vae, meta = load_exported("s3://bucket/runs/dvae/export")   # eval mode, EMA weights as exported
-    h = dvae_hash("runs/dvae/export")                            # sha256 of model.safetensors
+    vae = load_dvae("s3://bucket/runs/dvae/export")   # eval mode, EMA weights as exported
+    vae.export_meta["image_size"], vae.export_meta["dvae_hash"]
+    h = dvae_hash("runs/dvae/export")                  # sha256 of model.safetensors
 
 An export is the folder :func:`dalle_ds.models.dvae.save_dvae` writes: ``model.safetensors`` (the EMA
 weights for ``train_dvae`` exports) and ``config.json`` (``dvae`` config, ``weights_sha256``,
-``image_size``...). The token manifest's ``dvae_hash`` is :func:`dvae_hash` of the export used to
-make the tokens, i.e. the sha256 hex digest of the weights file's bytes, the same value as
-``config.json``'s ``weights_sha256``; prior training and sampling compare it with their own dVAE
+``image_size``...). :func:`load_dvae` is the one loader (local folders and s3:// prefixes alike).
+The token manifest's ``dvae_hash`` is :func:`dvae_hash` of the export used to make the tokens,
+i.e. the sha256 hex digest of the weights file's bytes, the same value as ``config.json``'s
+``weights_sha256``; prior training and sampling compare it with their own dVAE
 (``dalle_ds.data.loaders.check_token_manifest(..., expected_dvae_hash=dvae_hash(path))``).
 """
 
@@ -17,10 +19,9 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Any
 
 from dalle_ds.data import storage
-from dalle_ds.models.dvae import EXPORT_CONFIG, EXPORT_WEIGHTS, DiscreteVAE, load_dvae
+from dalle_ds.models.dvae import EXPORT_CONFIG, EXPORT_WEIGHTS, DiscreteVAE
 
 
 def _weights_url(path: str) -> str:
@@ -40,11 +41,13 @@ def dvae_hash(path: str) -> str:
     return digest.hexdigest()
 
 
-def load_exported(path: str, map_location: str = "cpu") -> tuple[DiscreteVAE, dict[str, Any]]:
-    """(model in eval mode, config.json contents + ``dvae_hash``) from a local or s3:// export folder.
+def load_dvae(path: str, map_location: str = "cpu") -> DiscreteVAE:
+    """The dVAE of a local or s3:// export folder, in eval mode.
 
-    Raises ``ValueError`` naming the path when the folder is missing, incomplete, or its weights
-    do not load into the model its config describes, or do not match ``weights_sha256``.
+    ``vae.export_meta`` holds the export's ``config.json`` plus ``dvae_hash`` (checked against
+    ``weights_sha256``). Raises ``FileNotFoundError`` naming the missing folder or file, and
+    ``ValueError`` naming the export when its weights do not load into the model its config
+    describes, or do not match ``weights_sha256``.
     """
     path = str(path).rstrip("/")
     if storage.is_s3(path):
@@ -52,7 +55,7 @@ def load_exported(path: str, map_location: str = "cpu") -> tuple[DiscreteVAE, di
             for name in (EXPORT_CONFIG, EXPORT_WEIGHTS):
                 url = storage.join(path, name)
                 if not storage.exists(url):
-                    raise ValueError(f"{url}: missing (a dVAE export holds {EXPORT_WEIGHTS} and {EXPORT_CONFIG})")
+                    raise FileNotFoundError(f"{url}: missing (a dVAE export holds {EXPORT_WEIGHTS} and {EXPORT_CONFIG})")
                 _download(url, os.path.join(tmp, name))
             return _load_local(tmp, map_location, shown=path)
     return _load_local(path, map_location, shown=path)
@@ -64,20 +67,32 @@ def _download(url: str, dest: str) -> None:
             dst.write(chunk)
 
 
-def _load_local(folder: str, map_location: str, shown: str) -> tuple[DiscreteVAE, dict[str, Any]]:
+def _load_local(folder: str, map_location: str, shown: str) -> DiscreteVAE:
+    from safetensors.torch import load_file
+
+    from dalle_ds.config import DVAEConfig, _build
+
     if not os.path.isdir(folder):
-        raise ValueError(f"{shown}: not a dVAE export folder (does not exist)")
+        raise FileNotFoundError(f"{shown}: not a dVAE export folder (does not exist)")
+    for name in (EXPORT_CONFIG, EXPORT_WEIGHTS):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise FileNotFoundError(f"{os.path.join(shown, name)}: missing (a dVAE export folder holds "
+                                    f"{EXPORT_WEIGHTS} and {EXPORT_CONFIG})")
     try:
-        vae = load_dvae(folder, map_location=map_location)
         with open(os.path.join(folder, EXPORT_CONFIG)) as f:
             meta = json.load(f)
+        if "dvae" not in meta:
+            raise ValueError(f"{EXPORT_CONFIG} has no 'dvae' key (keys: {sorted(meta)})")
+        vae = DiscreteVAE(_build(DVAEConfig, meta["dvae"], "dvae"))
+        vae.load_state_dict(load_file(os.path.join(folder, EXPORT_WEIGHTS), device=map_location))
     except Exception as e:  # noqa: BLE001 - re-raised naming the export
         raise ValueError(f"{shown}: cannot load the dVAE export ({type(e).__name__}: {e})") from e
     want, got = meta.get("weights_sha256"), dvae_hash(folder)
     if want is not None and got != want:
         raise ValueError(f"{shown}: {EXPORT_WEIGHTS} has sha256 {got[:16]}..., its {EXPORT_CONFIG} says "
                          f"{want[:16]}...: the folder mixes two exports")
-    return vae.eval(), {**meta, "dvae_hash": got}
+    vae.export_meta = {**meta, "dvae_hash": got}
+    return vae.eval()
 
 
-__all__ = ["dvae_hash", "load_exported"]
+__all__ = ["dvae_hash", "load_dvae"]

@@ -107,15 +107,27 @@ def dvae_loss(y: torch.Tensor, mu: torch.Tensor, ln_b: torch.Tensor, logits: tor
     return loss, {"nll": nll.detach(), "kl": kl.detach(), "marginal_kl": marginal_kl.detach()}
 
 
+def psnr(mse: float) -> float:
+    """PSNR in dB (peak 1) of a mean squared error over pixels in [0, 1]; the project's one PSNR
+    (training logs, dVAE evaluation, token verification). MSE 0 counts as 1e-12 (120 dB)."""
+    return 10.0 * math.log10(1.0 / max(mse, 1e-12))
+
+
 def mse_psnr(images: torch.Tensor, recon: torch.Tensor) -> tuple[float, float]:
     """Mean squared error and PSNR (dB, peak 1) of images in [0, 1]."""
     mse = float(F.mse_loss(recon.float(), images.float()))
-    return mse, 10.0 * math.log10(1.0 / max(mse, 1e-12))
+    return mse, psnr(mse)
 
 
 def codebook_usage(codes: torch.Tensor, codebook_size: int) -> tuple[float, float]:
     """(perplexity of the code histogram, fraction of the codebook used) over any code tensor."""
-    counts = torch.bincount(codes.reshape(-1).long(), minlength=codebook_size).double()
-    p = counts / counts.sum()
+    return histogram_usage(torch.bincount(codes.reshape(-1).long(), minlength=codebook_size))
+
+
+def histogram_usage(counts: torch.Tensor) -> tuple[float, float]:
+    """(perplexity, fraction of entries used) of a code histogram: counts (K,) per codebook entry,
+    e.g. summed over batches or ranks."""
+    counts = counts.double()
+    p = counts / counts.sum().clamp(min=1)
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return float(entropy.exp()), float((counts > 0).sum()) / codebook_size
+    return float(entropy.exp()), float((counts > 0).sum()) / len(counts)

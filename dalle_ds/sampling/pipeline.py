@@ -13,7 +13,7 @@ class Pipeline:
 
     def __init__(self, checkpoint: str, dvae: str, tokenizer: str, clip: str | None = None,
                  device: str = "cpu", batch_size: int = 64):
-        from dalle_ds.models.dvae import load_dvae
+        from dalle_ds.models.dvae_io import load_dvae
         from dalle_ds.data.tokenizer import TextTokenizer
 
         self.device = torch.device(device)
