@@ -63,6 +63,7 @@ import torch
 import torch.distributed as torch_dist
 
 from dalle_ds.config import ConfigError, PrecisionConfig
+from dalle_ds.models.prior import _default_branch_fn
 from dalle_ds.parallel import deepspeed_internals as ds_internals
 from dalle_ds.parallel.dist import print0
 
@@ -245,10 +246,6 @@ class _Exit(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------- wiring
-
-
-def _default_branch_fn(branch, h, idx):
-    return branch(h)
 
 
 class _Attachment:
