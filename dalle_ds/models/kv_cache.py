@@ -106,7 +106,5 @@ class CachedDecoder:
             raise RuntimeError("step before prefill")
         if a >= c.image_len:
             raise RuntimeError(f"step: all {c.image_len} image slots are filled")
-        e = self.prior.embed
-        g = c.image_grid
-        h = F.embedding(code.view(-1, 1), e.image_tok) + e.image_row[a // g] + e.image_col[a % g]  # (B, 1, d)
+        h = self.prior.embed.image_input(code.view(-1, 1), a)  # (B, 1, d)
         return self._run(h, self.pos)[:, -1]  # (B, Vi)

@@ -81,13 +81,21 @@ class Embeddings(nn.Module):
         self.image_col = nn.Parameter(torch.empty(g, d).normal_(0.0, std))
 
     def forward(self, text: Tensor, codes: Tensor) -> Tensor:
-        b = text.shape[0]
+        b, n = codes.shape
         tok = F.embedding(text, self.text_tok) + self.text_pos  # (B, T, d)
         text_h = torch.where((text == PAD_ID)[..., None], self.text_pad.expand_as(tok), tok)  # (B, T, d)
-        img = F.embedding(codes[:, :-1], self.image_tok)  # (B, N-1, d): img_0 .. img_{N-2}
-        img = torch.cat([self.soi.expand(b, 1, -1), img], 1)  # (B, N, d): SOI first
-        pos = (self.image_row[:, None, :] + self.image_col[None, :, :]).reshape(self.grid * self.grid, -1)  # (N, d)
-        return torch.cat([text_h, img + pos], 1)  # (B, S, d)
+        soi = (self.soi + self.image_pos(0)).expand(b, 1, -1)  # (B, 1, d): slot 0 is fed SOI
+        slots = torch.arange(1, n, device=codes.device)
+        return torch.cat([text_h, soi, self.image_input(codes[:, :-1], slots)], 1)  # (B, S, d)
+
+    def image_pos(self, slots: Tensor | int) -> Tensor:
+        """Row + column embedding (..., d) of image slots (slot j <-> grid cell (j // G, j % G))."""
+        return self.image_row[slots // self.grid] + self.image_col[slots % self.grid]
+
+    def image_input(self, prev_codes: Tensor, slots: Tensor | int) -> Tensor:
+        """Input embeddings (B, L, d) of image slots >= 1, each fed the code before it:
+        ``prev_codes`` (B, L) = codes[:, slots - 1]. A KV cache embeds one new slot with this."""
+        return F.embedding(prev_codes, self.image_tok) + self.image_pos(slots)  # (B, L, d)
 
 
 class AttentionBranch(nn.Module):
