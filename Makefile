@@ -11,13 +11,15 @@ export PYTHONPATH := $(CURDIR)
 
 venv: $(VENV)/.installed
 
-# torch first (the local CPU build here; a CUDA build already in the venv is kept), then the pins.
-$(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
+# torch first (the local CPU build here; a CUDA build already in the venv is kept), then the pins,
+# then this checkout in editable mode (the dalle-* console scripts in $(VENV)/bin).
+$(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt \
 		-r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps DALL-E==0.1
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
 # The whole pipeline on the embedded shapes corpus, on CPU (tiny preset).

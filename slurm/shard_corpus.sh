@@ -4,7 +4,8 @@
 #
 #   INPUT=s3://raw/pairs.jsonl OUTPUT=s3://data/shards/ sbatch slurm/shard_corpus.sh
 #
-# Environment: INPUT (required), OUTPUT (required), SAMPLES_PER_SHARD (default 10000), EXTRA_ARGS.
+# Environment: INPUT, OUTPUT (required), SAMPLES_PER_SHARD (default 10000), EXTRA_ARGS, plus those in
+# slurm/lib.sh (PYTHON, CONTAINER, DALLE_MODULES, ...).
 #SBATCH --job-name=dalle-shard
 #SBATCH --nodes=1
 #SBATCH --ntasks=1
@@ -13,12 +14,15 @@
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
+# Site settings: remove one '#' to use (or sbatch -p PARTITION -A ACCOUNT).
+##SBATCH --partition=cpu
+##SBATCH --account=myproject
 set -euo pipefail
 source "${DALLE_DS_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/lib.sh"
-: "${INPUT:?set INPUT to the raw corpus (folder, table or tars; local or s3://)}"
-: "${OUTPUT:?set OUTPUT to the shard folder or s3:// prefix}"
+require INPUT "the raw corpus (folder, TSV/JSONL table or tars; local or s3://)"
+require OUTPUT "the shard folder or s3:// prefix"
 
 log "sharding $INPUT -> $OUTPUT with ${SLURM_CPUS_PER_TASK:-1} workers"
 # shellcheck disable=SC2086
-srun --kill-on-bad-exit=1 "$PYTHON" data_prep/shard_corpus.py --input "$INPUT" --output "$OUTPUT" \
+srun --kill-on-bad-exit=1 "${RUN_PREFIX[@]}" "$PYTHON" data_prep/shard_corpus.py --input "$INPUT" --output "$OUTPUT" \
   --samples-per-shard "${SAMPLES_PER_SHARD:-10000}" --workers "${SLURM_CPUS_PER_TASK:-1}" $EXTRA_ARGS

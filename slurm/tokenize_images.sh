@@ -11,7 +11,9 @@
 #   # rebuild the manifest by hand if needed:  python data_prep/tokenize_images.py ... --finalize
 #
 # Environment: DVAE, INPUT, OUTPUT (required: the dVAE export folder, the image shards, the token
-# folder; local or s3://), BATCH_SIZE (default 128), VERIFY (default 16), EXTRA_ARGS.
+# folder; local or s3://), BATCH_SIZE (default 128), VERIFY (default 16), EXTRA_ARGS, plus those in
+# slurm/lib.sh (PYTHON, CONTAINER, DALLE_MODULES, ...). GPUs: to bind one GPU per task, replace
+# --gpus-per-node=8 below by --gpus-per-task=1 (see slurm/lib.sh).
 # Defaults: 16 elements x one 8xV100 node; each element requeues itself 5 minutes before its
 # time limit (--signal) up to MAX_REQUEUES times.
 #SBATCH --job-name=dalle-tokenize
@@ -25,11 +27,14 @@
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%A_%a.out
+# Site settings: remove one '#' to use (or sbatch -p PARTITION -A ACCOUNT).
+##SBATCH --partition=gpu
+##SBATCH --account=myproject
 set -euo pipefail
 source "${DALLE_DS_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/lib.sh"
-: "${DVAE:?set DVAE to the dVAE export folder (model.safetensors + config.json), local or s3://}"
-: "${INPUT:?set INPUT to the image shards (folder, brace range, glob or s3:// prefix)}"
-: "${OUTPUT:?set OUTPUT to the token shard folder or s3:// prefix}"
+require DVAE "the dVAE export folder (model.safetensors + config.json), local or s3://"
+require INPUT "the image shards (folder, brace range, glob or s3:// prefix)"
+require OUTPUT "the token shard folder or s3:// prefix"
 
 requeue() {
   if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
@@ -43,7 +48,7 @@ trap requeue USR1
 
 log "array element ${SLURM_ARRAY_TASK_ID:-0} of ${SLURM_ARRAY_TASK_COUNT:-1}: $SLURM_NTASKS tasks, $INPUT -> $OUTPUT"
 # shellcheck disable=SC2086
-srun --kill-on-bad-exit=1 --label --cpu-bind=none "$PYTHON" data_prep/tokenize_images.py --dvae "$DVAE" \
+srun --kill-on-bad-exit=1 --label --cpu-bind=none "${RUN_PREFIX[@]}" "$PYTHON" data_prep/tokenize_images.py --dvae "$DVAE" \
   --input "$INPUT" --output "$OUTPUT" --batch-size "${BATCH_SIZE:-128}" --verify "${VERIFY:-16}" \
   --workers "${SLURM_CPUS_PER_TASK:-1}" $EXTRA_ARGS &
 srun_pid=$!

@@ -2,12 +2,18 @@
 
 Three jobs: the tiny prior on 2 nodes x 2 tasks with PowerSGD across the (fake) nodes runs to
 COMPLETED; a preempted run (``scancel -s USR1``) checkpoints, requeues itself and finishes with no
-lost step; a job whose rank 1 raises ends FAILED at once with that rank's traceback in the log."""
+lost step; a job whose rank 1 raises ends FAILED at once with that rank's traceback in the log.
+
+Without a cluster (run everywhere): every script refuses to start without its inputs (exit 2, one
+line naming the variable), and with stand-in ``srun``/``scontrol``/``module`` commands the scripts'
+command lines show the global-batch arithmetic, the module hook and the container prefix."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -32,8 +38,9 @@ def corpus(tmp_path_factory) -> Path:
     return folder
 
 
-def _submit_prior(cluster, corpus: Path, run_dir: Path, log: Path, extra: str, *sbatch_args: str) -> str:
-    env = {"CONFIG": "tiny", "DS_CONFIG": "ds_configs/zero3_fp32_cpu.json", "RUN_DIR": str(run_dir),
+def _submit_prior(cluster, corpus: Path, run_dir: Path, log: Path, extra: str, *sbatch_args: str,
+                  **more_env: str) -> str:
+    env = more_env | {"CONFIG": "tiny", "DS_CONFIG": "ds_configs/zero3_fp32_cpu.json", "RUN_DIR": str(run_dir),
            "TOKEN_SHARDS": f"{corpus}/shard-{{000000..000003}}.tar", "TOKENIZER": str(corpus / "tokenizer.json"),
            "PYTHON": PYTHON, "DALLE_DS_ROOT": str(ROOT), "OMP_NUM_THREADS": "1", "EXTRA_ARGS": f"{FAST} {extra}"}
     return cluster.sbatch(*NODES, *sbatch_args, "--output", str(log), str(ROOT / "slurm" / "train_prior.sh"),
@@ -56,10 +63,11 @@ def test_prior_two_nodes_powersgd_completes(slurm_cluster, corpus, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     job = _submit_prior(slurm_cluster, corpus, run_dir, log,
                         "optim.max_steps=6 checkpoint.every_steps=3 logging.every_steps=3 "
-                        "powersgd.enabled=true powersgd.rank=4")
+                        "powersgd.enabled=true powersgd.rank=4", GLOBAL_BATCH_SIZE="8")
     state = slurm_cluster.wait_job(job, timeout_s=120)
     text = log.read_text()
     assert state == "COMPLETED", text[-5000:]
+    assert "global batch 8 = micro batch 2 x grad_accum 1 x 4 ranks (GLOBAL_BATCH_SIZE)" in text
     assert (run_dir / "COMPLETED").read_text().strip() == "6"
     assert not (run_dir / "REQUEUE").exists()
     assert "0: train: 4 ranks via slurm" in text  # rank 0 prints, srun --label prefixes
@@ -141,3 +149,91 @@ time.sleep(300)
     assert re.search(r"^1: RuntimeError: rank one is broken", text, re.M), text
     assert "FAILED: srun exited with" in text
     assert _show(slurm_cluster, job).get("ExitCode", "").split(":")[0] != "0"
+
+
+# ---------------------------------------------------------------- without a cluster
+
+REQUIRED = {
+    "shard_corpus.sh": ("INPUT", "OUTPUT"),
+    "train_dvae.sh": ("IMAGE_SHARDS",),
+    "tokenize_images.sh": ("DVAE", "INPUT", "OUTPUT"),
+    "train_prior.sh": ("TOKEN_SHARDS", "TOKENIZER"),
+}
+
+
+def _bash(script: str | Path, env: dict[str, str], *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    ours = {n for names in REQUIRED.values() for n in names} | {
+        "CONFIG", "DS_CONFIG", "RUN_DIR", "EVAL_SHARDS", "GLOBAL_BATCH_SIZE", "EXTRA_ARGS", "CONTAINER",
+        "DALLE_MODULES", "MASTER_ADDR", "MASTER_PORT"}
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_")) and k not in ours}
+    base.update(DALLE_DS_ROOT=str(ROOT), PYTHON=PYTHON)
+    return subprocess.run(["bash", str(script), *args], env=base | env, cwd=cwd, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_every_sbatch_script_is_covered():
+    assert set(REQUIRED) == {p.name for p in (ROOT / "slurm").glob("*.sh")} - {"lib.sh"}
+
+
+@pytest.mark.parametrize("script,missing", [(s, v) for s, names in REQUIRED.items() for v in names])
+def test_script_refuses_to_start_without_its_data(script, missing, tmp_path):
+    given = {name: f"/data/{name.lower()}" for name in REQUIRED[script] if name != missing}
+    res = _bash(ROOT / "slurm" / script, given, cwd=tmp_path)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert res.stderr.splitlines() == [res.stderr.strip()] and res.stderr.startswith(f"error: {missing} is not set ("), \
+        res.stderr
+
+
+@pytest.fixture()
+def fake_slurm(tmp_path) -> dict[str, str]:
+    """srun prints its command line; scontrol answers the two questions lib.sh asks; `module` echoes;
+    `apptainer exec --nv IMAGE python ARGS` runs this venv's python (train_prior.sh probes the batch size)."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for name, body in {
+        "srun": 'echo "srun $*"',
+        "scontrol": 'case "$2" in hostnames) echo n1;; node) echo "NodeName=n1 NodeAddr=127.0.0.1";; esac',
+        "module": 'echo "fake-module $*"',
+        "apptainer": f'[ "$1 $2" = "exec --nv" ] || exit 9\nshift 3\n[ "$1" = python ] && shift && exec {PYTHON} "$@"',
+    }.items():
+        (bin_ / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_ / name).chmod(0o755)
+    return {"PATH": f"{bin_}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1",
+            "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "CONFIG": "tiny", "TOKEN_SHARDS": "/data/tok",
+            "TOKENIZER": "/data/tokenizer.json", "RUN_DIR": str(tmp_path / "run"),
+            "EXTRA_ARGS": "optim.micro_batch_size=2 data.dvae="}
+
+
+def _srun_line(stdout: str) -> str:
+    (line,) = [line for line in stdout.splitlines() if line.startswith("srun ")]
+    return line
+
+
+def test_global_batch_size_sets_grad_accum_for_the_ranks_at_hand(fake_slurm):
+    prior = ROOT / "slurm" / "train_prior.sh"
+    res = _bash(prior, fake_slurm | {"GLOBAL_BATCH_SIZE": "16"})
+    assert res.returncode == 1, res.stderr  # the stand-in srun wrote no COMPLETED marker
+    assert "global batch 16 = micro batch 2 x grad_accum 2 x 4 ranks (GLOBAL_BATCH_SIZE)" in res.stdout
+    assert " optim.grad_accum_steps=2 " in _srun_line(res.stdout)
+    res = _bash(prior, fake_slurm)  # without it the batch follows the ranks, and the log says so
+    assert "global batch 8 = micro batch 2 x grad_accum 1 x 4 ranks\n" in res.stdout
+    assert "optim.grad_accum_steps" not in _srun_line(res.stdout)
+    res = _bash(prior, fake_slurm | {"GLOBAL_BATCH_SIZE": "12"})
+    assert res.returncode == 2 and "srun " not in res.stdout
+    assert res.stderr.strip() == ("error: GLOBAL_BATCH_SIZE=12 must be a multiple of optim.micro_batch_size x ranks"
+                                  " = 2 x 4 = 8"), res.stderr
+    res = _bash(prior, fake_slurm | {"EXTRA_ARGS": "optim.nope=1"})  # a config error stops the job before srun
+    assert res.returncode == 2 and "srun " not in res.stdout and "optim.nope" in res.stderr, res.stderr
+
+
+def test_module_hook_and_container_prefix(fake_slurm):
+    env = fake_slurm | {"DALLE_MODULES": "cuda/12.6 nccl/2.21", "CONTAINER": "/images/dalle-ds.sif",
+                        "PYTHON": "python"}
+    res = _bash(ROOT / "slurm" / "train_prior.sh", env)
+    assert res.returncode == 1, res.stderr
+    assert "fake-module load cuda/12.6 nccl/2.21" in res.stdout  # the stand-in for Lmod's `module`
+    assert "srun --kill-on-bad-exit=1 --label --cpu-bind=none apptainer exec --nv /images/dalle-ds.sif python " \
+           "dalle_ds/train.py" in _srun_line(res.stdout)
+    res = _bash(ROOT / "slurm" / "shard_corpus.sh", env | {"INPUT": "/raw", "OUTPUT": "/shards"})
+    assert "srun --kill-on-bad-exit=1 apptainer exec --nv /images/dalle-ds.sif python data_prep/shard_corpus.py" \
+        in _srun_line(res.stdout), res.stderr
