@@ -1,19 +1,22 @@
 """Typed, validated configuration: YAML preset -> dataclass sections -> dotted overrides.
 
 Precedence: command line > preset file > dataclass defaults. Every component receives only
-its own section (``Prior(cfg.model)``, ``build_optimizer(model, cfg.optim)``). Unknown keys,
-wrong types and inconsistent values raise :class:`ConfigError` naming the key and the value.
+its own section (``Prior(cfg.model)``, ``DiscreteVAE(cfg.dvae)``,
+``dalle_ds.parallel.engine.OptimSpec.from_optim(cfg.optim)``). Unknown keys, wrong types and
+inconsistent values raise :class:`ConfigError` naming the key and the value; :func:`at_least`
+does the same for the plain flags of the offline jobs.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 
@@ -27,6 +30,22 @@ class ConfigError(ValueError):
 def _require(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def at_least(lo: float, kind: type = int) -> Callable[[str], Any]:
+    """An argparse ``type``: the flag's value as ``kind``, refused below ``lo`` (the error names the value)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {kind.__name__}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"{value}: must be >= {lo}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 @dataclass

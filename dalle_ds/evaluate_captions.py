@@ -52,9 +52,7 @@ def heldout(seed: int, count: int, size: int, offset: int = 0) -> tuple[torch.Te
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", default="runs/demo", help="demo folder (defaults below are inside it)")
-    ap.add_argument("--checkpoint", required=True, help="prior export folder")
-    ap.add_argument("--dvae", required=True, help="dVAE export folder")
-    ap.add_argument("--tokenizer", default=None, help="default: RUN/tokenizer.json")
+    Pipeline.add_args(ap, tokenizer_default="RUN/tokenizer.json")
     ap.add_argument("--shards", default=None, help="image shards for the CLIP (default: RUN/shards)")
     ap.add_argument("--clip", default=None, help="CLIP folder (default: RUN/clip; trained when missing)")
     ap.add_argument("--retrain-clip", action="store_true")
@@ -67,9 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--heldout", default=None, help="held-out image shards or folder (default: RUN/heldout_shards)")
     ap.add_argument("--heldout-seed", type=int, default=1000, help="draw held-out scenes when there is no --heldout")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--top-p", type=float, default=1.0)
+    SamplingSettings.add_args(ap)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     return ap.parse_args(argv)
@@ -114,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         _, captions = heldout(args.heldout_seed, args.captions, size)
         ref, ref_caps = heldout(args.heldout_seed, args.references, size, offset=args.captions)
-    settings = SamplingSettings(args.temperature, args.top_k, args.top_p).validate()
+    settings = SamplingSettings.from_args(args)
     rows = [(i, j) for i in range(len(captions)) for j in range(args.n)]
     text = pipe.tokenizer.encode(captions)  # (M, T)
     images = []

@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> dict:
     from dalle_ds.data.loaders import ImageShardLoader
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="dVAE export folder (model.safetensors + config.json), local or s3://")
+    ap.add_argument("--checkpoint", required=True,
+                    help="dVAE export folder (model.safetensors + config.json), local or s3://")
     ap.add_argument("--shards", required=True, help="held-out image shards (paths, braces, globs, s3://)")
     ap.add_argument("--image_size", type=int, default=None, help="default: the export's data.image_size")
     ap.add_argument("--batch_size", type=int, default=64)

@@ -33,9 +33,7 @@ from dalle_ds.sampling.pipeline import Pipeline
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="prior export folder (model.safetensors + config.json)")
-    ap.add_argument("--dvae", required=True, help="dVAE export folder")
-    ap.add_argument("--tokenizer", required=True, help="tokenizer.json")
+    Pipeline.add_args(ap)
     ap.add_argument("--prompt", action="append", default=[], help="a caption (repeat for several)")
     ap.add_argument("--prompts-file", default=None, help="one caption per line")
     ap.add_argument("-n", type=int, default=64, help="candidates per caption")
@@ -43,9 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--clip", default=None, help="CLIP folder for reranking (Hugging Face or dalle_ds/train_clip.py)")
     ap.add_argument("--image-prompt", default=None, help="image whose top rows of codes are kept (completion)")
     ap.add_argument("--prompt-rows", type=int, default=None, help="rows kept (default: 15/32 of the grid)")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--top-p", type=float, default=1.0)
+    SamplingSettings.add_args(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=64, help="candidates sampled at once")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -63,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    settings = SamplingSettings(args.temperature, args.top_k, args.top_p).validate()
+    settings = SamplingSettings.from_args(args)
     pipe = Pipeline(args.checkpoint, args.dvae, args.tokenizer, args.clip, args.device, args.batch_size)
     g = pipe.prior.cfg.image_grid
     prompt_codes, rows = None, None

@@ -146,23 +146,19 @@ def make_server(app: App, host: str = "127.0.0.1", port: int = 8000) -> Threadin
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="prior export folder")
-    ap.add_argument("--dvae", required=True, help="dVAE export folder")
-    ap.add_argument("--tokenizer", required=True, help="tokenizer.json")
+    Pipeline.add_args(ap)
     ap.add_argument("--clip", default=None, help="CLIP folder for reranking")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("-n", type=int, default=16, help="default candidates per request")
     ap.add_argument("--keep", type=int, default=4)
     ap.add_argument("--max-n", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--top-p", type=float, default=1.0)
+    SamplingSettings.add_args(ap)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     pipe = Pipeline(args.checkpoint, args.dvae, args.tokenizer, args.clip, args.device)
     app = App(pipe, args.n, args.keep, args.max_n,
-              settings=SamplingSettings(args.temperature, args.top_k, args.top_p).validate())
+              settings=SamplingSettings.from_args(args))
     server = make_server(app, args.host, args.port)
     print(f"serve: http://{args.host}:{server.server_address[1]}/  ({app.about()})")
     try:

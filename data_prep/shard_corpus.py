@@ -49,6 +49,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from tqdm import tqdm  # noqa: E402
 
+from dalle_ds.config import at_least  # noqa: E402
 from dalle_ds.data import storage  # noqa: E402
 from dalle_ds.data.shards import (  # noqa: E402
     MANIFEST, Progress, ShardWriter, build_manifest, count_drops, write_manifest,
@@ -65,14 +66,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="folders, tables (.tsv/.csv/.jsonl), tars; local or s3://")
     p.add_argument("--output", required=True, help="output folder or s3://bucket/prefix/")
-    p.add_argument("--samples-per-shard", type=int, default=10000)
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1))
-    p.add_argument("--image-size", type=int, default=384, help="shorter side of the stored images")
+    p.add_argument("--samples-per-shard", type=at_least(1), default=10000)
+    p.add_argument("--workers", type=at_least(1), default=max(1, (os.cpu_count() or 1) - 1))
+    p.add_argument("--image-size", type=at_least(1), default=384, help="shorter side of the stored images")
     p.add_argument("--prefix", default="shard")
-    p.add_argument("--min-size", type=int, default=64, help="drop images whose shorter side is smaller")
-    p.add_argument("--max-aspect", type=float, default=2.0, help="drop images with long/short side above this")
-    p.add_argument("--min-caption-words", type=int, default=2)
-    p.add_argument("--max-pixels", type=int, default=1 << 26, help="decompression-bomb cap on width*height")
+    p.add_argument("--min-size", type=at_least(1), default=64, help="drop images whose shorter side is smaller")
+    p.add_argument("--max-aspect", type=at_least(1, float), default=2.0,
+                   help="drop images with long/short side above this")
+    p.add_argument("--min-caption-words", type=at_least(1), default=2)
+    p.add_argument("--max-pixels", type=at_least(1), default=1 << 26, help="decompression-bomb cap on width*height")
     p.add_argument("--max-file-mb", type=float, default=64.0)
     p.add_argument("--jpeg-quality", type=int, default=95)
     p.add_argument("--image-column", default=None, help="table column with image paths (default: image, path, ...)")
@@ -81,11 +83,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an output made from other inputs or config")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    for name in ("samples_per_shard", "workers", "image_size", "min_size", "min_caption_words", "max_pixels"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
-    if args.max_aspect < 1:
-        p.error(f"--max-aspect={args.max_aspect}: must be >= 1")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.prefix):
         p.error(f"--prefix={args.prefix!r}: use letters, digits, '-' and '_' only")
     return args

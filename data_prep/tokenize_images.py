@@ -65,6 +65,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from dalle_ds.config import at_least  # noqa: E402
 from dalle_ds.data import storage  # noqa: E402
 from dalle_ds.data.augment import Augment  # noqa: E402
 from dalle_ds.data.loaders import iter_shard  # noqa: E402
@@ -85,24 +86,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dvae", required=True, help="dVAE export folder (model.safetensors + config.json), local or s3://")
     p.add_argument("--input", required=True, help="image shards: paths, brace ranges, globs, folders, s3:// prefixes")
     p.add_argument("--output", required=True, help="token shard folder or s3://bucket/prefix/")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=None, help="default: the export's image_size")
-    p.add_argument("--verify", type=int, default=0, metavar="K", help="decode K random samples, report PSNR")
+    p.add_argument("--batch-size", type=at_least(1), default=64)
+    p.add_argument("--image-size", type=at_least(1), default=None, help="default: the export's image_size")
+    p.add_argument("--verify", type=at_least(0), default=0, metavar="K", help="decode K random samples, report PSNR")
     p.add_argument("--seed", type=int, default=0, help="which samples --verify picks")
     p.add_argument("--part", type=int, default=None, help="this array part (default: SLURM_ARRAY_TASK_ID)")
     p.add_argument("--num-parts", type=int, default=None, help="array parts (default: SLURM_ARRAY_TASK_COUNT or 1)")
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when there is a GPU, else cpu), cpu, cuda:N")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="encoder autocast dtype")
-    p.add_argument("--workers", type=int, default=min(8, len(os.sched_getaffinity(0))), help="image decode threads")
+    p.add_argument("--workers", type=at_least(1), default=min(8, len(os.sched_getaffinity(0))),
+                   help="image decode threads")
     p.add_argument("--finalize", action="store_true", help="only (re)build manifest.json from the finished shards")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    for name in ("batch_size", "workers"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
-    if args.verify < 0:
-        p.error(f"--verify={args.verify}: must be >= 0")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -409,7 +405,8 @@ class BatchEncoder:
 
 
 class TokenShardWriter:
-    """One output shard (:class:`dalle_ds.data.shards.ShardWriter`); ``close`` publishes it, then its record (= finished)."""
+    """One output shard (:class:`dalle_ds.data.shards.ShardWriter`); ``close`` publishes it, then its
+    record (= finished)."""
 
     def __init__(self, out: str, source: str):
         self.progress, self.source = Progress(out), source

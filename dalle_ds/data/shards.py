@@ -149,7 +149,8 @@ class Progress:
             os.rmdir(self.folder)
 
     def remove_temps(self, name_glob: str) -> None:
-        """Temp files of shards matching ``name_glob`` left by a killed run (only for a job that owns the whole output)."""
+        """Temp files of shards matching ``name_glob`` left by a killed run (only for a job that owns
+        the whole output: other processes' shards in progress would match too)."""
         folder, pattern = os.path.split(temp_path(self.out, name_glob))
         for path in glob.glob(os.path.join(glob.escape(folder), pattern)):
             os.remove(path)

@@ -225,7 +225,8 @@ def save_dvae(vae: DiscreteVAE, out_dir: str, extra: dict | None = None) -> dict
 
 
 def __getattr__(name: str):
-    """``load_dvae`` lives in :mod:`dalle_ds.models.dvae_io` (local and s3:// exports); the old import path resolves there."""
+    """``load_dvae`` lives in :mod:`dalle_ds.models.dvae_io` (local and s3:// exports); the old
+    import path ``dalle_ds.models.dvae.load_dvae`` resolves there."""
     if name == "load_dvae":
         from dalle_ds.models.dvae_io import load_dvae
 

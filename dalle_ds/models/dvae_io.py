@@ -55,7 +55,8 @@ def load_dvae(path: str, map_location: str = "cpu") -> DiscreteVAE:
             for name in (EXPORT_CONFIG, EXPORT_WEIGHTS):
                 url = storage.join(path, name)
                 if not storage.exists(url):
-                    raise FileNotFoundError(f"{url}: missing (a dVAE export holds {EXPORT_WEIGHTS} and {EXPORT_CONFIG})")
+                    raise FileNotFoundError(f"{url}: missing (a dVAE export holds {EXPORT_WEIGHTS} and "
+                                            f"{EXPORT_CONFIG})")
                 _download(url, os.path.join(tmp, name))
             return _load_local(tmp, map_location, shown=path)
     return _load_local(path, map_location, shown=path)

@@ -18,6 +18,7 @@ reference the cache is tested and benchmarked against.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,17 @@ class SamplingSettings:
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
         return self
+
+    @staticmethod
+    def add_args(ap: argparse.ArgumentParser) -> None:
+        """--temperature, --top-k, --top-p (the sampling commands' shared flags)."""
+        ap.add_argument("--temperature", type=float, default=1.0, help="logits / temperature (0: greedy)")
+        ap.add_argument("--top-k", type=int, default=0, help="keep the k most likely codes (0: off)")
+        ap.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set with this mass (1: off)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "SamplingSettings":
+        return cls(args.temperature, args.top_k, args.top_p).validate()
 
 
 def default_prompt_rows(grid: int) -> int:

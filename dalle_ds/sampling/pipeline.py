@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from dalle_ds.sampling.generate import SamplingSettings, generate, load_prior
@@ -10,6 +12,14 @@ from dalle_ds.sampling.grids import load_image
 
 class Pipeline:
     """Prior + dVAE + tokenizer (+ CLIP): captions in, reranked images out."""
+
+    @staticmethod
+    def add_args(ap: argparse.ArgumentParser, tokenizer_default: str | None = None) -> None:
+        """--checkpoint, --dvae, --tokenizer (required unless the command names a default)."""
+        ap.add_argument("--checkpoint", required=True, help="prior export folder (model.safetensors + config.json)")
+        ap.add_argument("--dvae", required=True, help="dVAE export folder, local or s3://")
+        ap.add_argument("--tokenizer", required=tokenizer_default is None, default=None,
+                        help="tokenizer.json" + (f" (default: {tokenizer_default})" if tokenizer_default else ""))
 
     def __init__(self, checkpoint: str, dvae: str, tokenizer: str, clip: str | None = None,
                  device: str = "cpu", batch_size: int = 64):
