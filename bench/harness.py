@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dalle_ds.training.flops import figure, latest  # noqa: F401 - MFU look-ups live in the library now
+
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
@@ -108,18 +110,3 @@ class Recorder:
         path.write_text(json.dumps(record, indent=2) + "\n")
         print(f"recorded {path}", flush=True)
         return path
-
-
-def latest(name: str, device: str = "cpu", results_dir: Path | str = RESULTS_DIR) -> dict[str, Any] | None:
-    """The newest recorded result of a benchmark (for MFU denominators)."""
-    paths = sorted(Path(results_dir).glob(f"{name}-{device}-*.json"))
-    return json.loads(paths[-1].read_text()) if paths else None
-
-
-def figure(record: dict[str, Any] | None, metric: str) -> float | None:
-    if not record:
-        return None
-    for row in record["figures"]:
-        if row["metric"] == metric:
-            return float(row["value"])
-    return None

@@ -9,19 +9,26 @@ the symmetric contrastive loss on in-batch pairs; one process, plain torch (a fe
 helper model: no DeepSpeed). Images come through ``ImageShardLoader(mode="eval")`` (centre crop,
 no flip: the captions say left and right). The folder is written with ``save_pretrained`` plus
 the offline processor (``dalle_ds_clip.json`` + ``tokenizer.json``, see dalle_ds/sampling/rerank.py)
-and ``train_log.json``; ``ClipScorer.load(folder)`` reads it back.
+and ``train_log.json``; ``ClipScorer.load(folder)`` reads it back. Reads top to bottom: parse ->
+build -> train -> close; logs like the other trainers (dalle_ds.training.logger): ``train step N:
+loss=...`` lines, ``metrics.jsonl`` in the folder, TensorBoard with ``--tensorboard``. No
+checkpoints: a short helper run is simply restarted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from dalle_ds.parallel.dist import print0
 from dalle_ds.sampling.rerank import ClipScorer, ProjectClipProcessor
+from dalle_ds.training.logger import MetricsLogger
+from dalle_ds.training.loop import EXIT_COMPLETED, TrainLoop
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -48,19 +55,22 @@ def build_clip(processor: ProjectClipProcessor, seed: int = 0, **arch):
     return CLIPModel(cfg)
 
 
-def train(model, processor: ProjectClipProcessor, batches, steps: int, lr: float = 5e-4,
-          progress: bool = True) -> list[float]:
-    """Contrastive training for ``steps`` batches of ``{"images", "captions"}``; returns the losses."""
-    from tqdm import tqdm
+def train(model, processor: ProjectClipProcessor, batches, steps: int, lr: float = 5e-4, progress: bool = True,
+          log: MetricsLogger | None = None, log_every: int = 50) -> list[float]:
+    """Contrastive training for ``steps`` batches of ``{"images", "captions"}``; returns the losses.
 
+    Every ``log_every`` steps (and the last) a ``train`` row: mean loss since the previous row, lr,
+    images/s; to ``log`` (default: stdout and, with ``progress``, a bar)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    log = log or MetricsLogger(None, tensorboard=False, progress_bar=progress)
+    loop = TrainLoop(steps, log, desc="clip")
     model.train()
     losses: list[float] = []
     it = iter(batches)
-    bar = tqdm(range(steps), desc="clip", disable=not progress)
-    for _ in bar:
+    for step in loop:
         batch = next(it)
+        lr_now = sched.get_last_lr()[0]
         out = model(pixel_values=processor.images(batch["images"]), return_loss=True,
                     **processor.text(batch["captions"]))
         opt.zero_grad(set_to_none=True)
@@ -69,7 +79,10 @@ def train(model, processor: ProjectClipProcessor, batches, steps: int, lr: float
         opt.step()
         sched.step()
         losses.append(float(out.loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if step % log_every == 0 or step == steps:
+            n, seconds = loop.timer.window()
+            log.log(step, {"loss": sum(losses[-n:]) / n, "lr": lr_now,
+                           "images_per_s": n * len(batch["captions"]) / max(seconds, 1e-9)})
     model.eval()
     return losses
 
@@ -91,37 +104,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--embed-dim", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    ap.add_argument("--log-every", type=int, default=50, help="steps per metrics row / log line")
+    ap.add_argument("--tensorboard", action="store_true", help="also write TensorBoard to OUT/tb")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared 2-core machine more threads oversubscribe and run ~20x slower)")
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> int:
     from dalle_ds.data.loaders import ImageShardLoader
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    # -- build
     processor = ProjectClipProcessor(args.tokenizer, args.context_length, args.image_size, MEAN, STD)
     model = build_clip(processor, args.seed, width=args.width, layers=args.layers, heads=args.heads,
                        patch=args.patch, embed_dim=args.embed_dim)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"clip: {n_params / 1e6:.2f}M parameters, {args.steps} steps x batch {args.batch_size}, "
+    print0(f"clip: {n_params / 1e6:.2f}M parameters, {args.steps} steps x batch {args.batch_size}, "
           f"images {args.image_size}px, text {args.context_length} tokens (vocab {processor.vocab_size})")
     loader = ImageShardLoader(args.shards, args.batch_size, mode="eval", size=args.image_size, rank=0, world_size=1,
                               num_workers=args.workers, seed=args.seed, shuffle=True, infinite=True)
-    t0 = time.time()
-    losses = train(model, processor, loader, args.steps, args.lr)
     out = Path(args.out)
+    log = MetricsLogger(out, tensorboard=args.tensorboard, progress_bar=True)  # out/metrics.jsonl (+ out/tb)
+    # -- train
+    t0 = time.time()
+    losses = train(model, processor, loader, args.steps, args.lr, log=log, log_every=args.log_every)
+    # -- close: the folder ClipScorer.load reads, and a summary
     model.save_pretrained(str(out))
     processor.save(out)
-    log = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "params": n_params,
-           "first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:]),
-           "seconds": round(time.time() - t0, 1), "shards": args.shards}
-    (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
-    print(f"clip: loss {log['first_loss']:.3f} -> {log['final_loss']:.3f} in {log['seconds']} s; saved {out}")
+    summary = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "params": n_params,
+               "first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+               "seconds": round(time.time() - t0, 1), "shards": args.shards, "args": vars(args)}
+    (out / "train_log.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print0(f"clip: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} in {summary['seconds']} s; "
+           f"saved {out}")
     ClipScorer.load(out)  # the folder loads back offline
-    return out
+    return EXIT_COMPLETED
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -115,10 +115,17 @@ def test_train_clip_cli_writes_a_loadable_folder(tmp_path, tokenizer):
     from dalle_ds import train_clip
 
     write_image_shards(tmp_path / "shards", 32, size=16)
-    out = train_clip.main(["--shards", str(tmp_path / "shards"), "--tokenizer", str(tokenizer), "--out",
-                           str(tmp_path / "clip"), "--steps", "3", "--batch-size", "8", "--image-size", "16",
-                           "--width", "32", "--layers", "1", "--heads", "2", "--context-length", "16"])
+    out = tmp_path / "clip"
+    code = train_clip.main(["--shards", str(tmp_path / "shards"), "--tokenizer", str(tokenizer), "--out",
+                            str(out), "--steps", "3", "--batch-size", "8", "--image-size", "16", "--width", "32",
+                            "--layers", "1", "--heads", "2", "--context-length", "16", "--log-every", "2",
+                            "--tensorboard"])
+    assert code == 0
     log = json.loads((out / "train_log.json").read_text())
     assert log["steps"] == 3 and log["final_loss"] == log["final_loss"]  # finite
+    assert log["args"]["log_every"] == 2
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]  # the trainers' logger
+    assert [r["step"] for r in rows] == [2, 3] and {"loss", "lr", "images_per_s"} <= rows[0].keys()
+    assert list((out / "tb").glob("events.out.tfevents.*"))
     s = ClipScorer.load(out)
     assert s.processor.context_length == 16 and s.image_embeds(torch.rand(2, 3, 16, 16)).shape == (2, 64)

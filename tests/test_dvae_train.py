@@ -13,6 +13,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from tests.multirank import run_ranks
+from tests.test_trainer import parse_line
 
 SIDE = 16
 # A small model and 16 px images: 8x8 codes of 32; grid/vocab of the prior section kept consistent.
@@ -48,22 +49,30 @@ def _write_shards(folder: Path, n_shards: int = 2, per_shard: int = 24) -> str:
 
 
 def _train_three_ways(root: str, shards: str) -> dict:
-    """Rank body: uninterrupted 12 steps; then 6 steps, and a fresh engine resuming to 12."""
-    from dalle_ds.train_dvae import main
+    """Rank body: uninterrupted 12 steps; then 6 steps, and a fresh engine resuming to 12.
+    Returns this rank's loss per update of each run (and the exit codes)."""
+    from dalle_ds.config import load_config
+    from dalle_ds.train_dvae import train
 
-    base = ["--config", "tiny", "--deepspeed_config", "ds_configs/dvae.json", *OVERRIDES,
-            f"data.image_shards={shards}"]
-    full = main(base + [f"run.dir={root}/full", "dvae_train.max_steps=12"])
-    first = main(base + [f"run.dir={root}/split", "dvae_train.max_steps=6"])
-    second = main(base + [f"run.dir={root}/split", "dvae_train.max_steps=12"])
-    return {"full": full, "first": first, "second": second}
+    def run(run_dir: str, max_steps: int) -> list[float]:
+        cfg = load_config("tiny", [*OVERRIDES, f"data.image_shards={shards}", f"run.dir={run_dir}",
+                                   f"dvae_train.max_steps={max_steps}"])
+        losses: list[float] = []
+        code = train(cfg, "ds_configs/dvae.json", on_update=lambda step, loss: losses.append(loss))
+        return [code, *losses]
+
+    full = run(f"{root}/full", 12)
+    first = run(f"{root}/split", 6)
+    second = run(f"{root}/split", 12)
+    return {"codes": [full[0], first[0], second[0]], "full": full[1:], "first": first[1:], "second": second[1:]}
 
 
 @pytest.mark.slow
-def test_two_rank_training_falls_and_resumes_exactly(tmp_path):
+def test_two_rank_training_falls_and_resumes_exactly(tmp_path, capfd):
     shards = _write_shards(tmp_path / "shards")
     results = run_ranks(_train_three_ways, world_size=2, args=(str(tmp_path), shards), timeout_s=240)
     for rank, r in enumerate(results):
+        assert r["codes"] == [0, 0, 0], rank
         assert len(r["full"]) == 12 and len(r["first"]) == 6 and len(r["second"]) == 6, rank
         # resume: the same losses, bit for bit, as the uninterrupted run
         assert r["first"] == r["full"][:6], rank
@@ -82,7 +91,19 @@ def test_two_rank_training_falls_and_resumes_exactly(tmp_path):
     assert [m["step"] for m in lines] == [2, 4, 6, 8, 10, 12]
     for key in ("loss", "nll", "kl", "beta", "tau", "lr", "mse", "psnr", "perplexity", "codes_used_fraction"):
         assert key in lines[-1], key
-    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert (run / "COMPLETED").read_text() == "12\n" and not (run / "REQUEUE").exists()
+    # the trainer skeleton's line (rank 0 only) and TensorBoard tags
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dalle_ds.train_dvae import ECHO_KEYS
+
+    parsed = [p for p in map(parse_line, capfd.readouterr().out.splitlines()) if p]
+    assert [step for _, step, _ in parsed] == [2, 4, 6, 8, 10, 12] * 2, parsed
+    assert all(split == "train" and list(kv) == ECHO_KEYS for split, _, kv in parsed)
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    assert {"train/loss", "train/psnr", "train/codes_used_fraction", "train/images_per_s"} <= set(acc.Tags()["scalars"])
+    assert acc.Tags()["images"] == ["train/reconstruction"]
     assert (run / "grids" / "step_00000006.png").is_file() and (run / "grids" / "step_00000012.png").is_file()
 
     # the EMA export evaluates from the command line

@@ -1,7 +1,8 @@
 """dalle_ds/train.py end to end on 2 ranks (processes launched like srun/torchrun would, gloo, CPU):
 the tiny preset's loss falls on real token shards; a run stopped at step s and resumed reaches 2s
-with exactly the losses of an uninterrupted run; SIGTERM to one rank -> every rank checkpoints and
-exits 75, then resumes; the exported model loads."""
+with exactly the losses of an uninterrupted run; SIGTERM to one rank -> every rank checkpoints,
+writes REQUEUE and exits 75, then resumes to COMPLETED; the log line, metrics.jsonl and the
+TensorBoard tags follow the trainer skeleton's convention; the exported model loads."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import pytest
 import yaml
 
 from tests.multirank import free_port
+from tests.test_trainer import parse_line
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID, CODEBOOK, TEXT_LEN, TEXT_VOCAB = 16, 512, 32, 512
@@ -104,6 +106,27 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
+def _check_logs(run_dir: Path, rank0_log: Path) -> None:
+    """stdout: `train step N: loss=...` on logging steps; metrics.jsonl: a row per update, throughput
+    and per-rank memory on logging steps; TensorBoard: `train/...` tags."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dalle_ds.train import ECHO_KEYS
+
+    lines = [p for p in map(parse_line, rank0_log.read_text().splitlines()) if p]
+    assert [(split, step) for split, step, _ in lines] == [("train", 5), ("train", 10)], rank0_log.read_text()[-3000:]
+    for _, _, kv in lines:
+        assert list(kv) == [k for k in ECHO_KEYS if k in kv] and {"loss", "tokens_per_s", "memory_mb"} <= kv.keys()
+    rows = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert {"loss", "text_loss", "image_loss", "lr", "grad_norm", "applied"} <= rows[1].keys()
+    assert "tokens_per_s" not in rows[4] and len(rows[5]["memory_mb"]) == 2 and rows[10]["tokens_per_s"] > 0
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/image_loss", "train/tokens_per_s", "train/memory_mb/rank1"} <= tags, tags
+    assert all(t.startswith("train/") for t in tags), tags
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tokens")
@@ -123,8 +146,9 @@ def test_tiny_prior_trains_resumes_exactly_and_stops_on_sigterm(corpus, tmp_path
     assert sorted(a) == list(range(1, 11))
     assert a[10] < a[1] - 0.8, a  # the loss falls (from ~ln 512 = 6.2)
     assert (run_a / "ds_config.json").is_file() and (run_a / "config.yaml").is_file()
-    assert any((run_a / "tb").iterdir())
     assert read_latest(run_a / "checkpoints") == "step_00000010"
+    assert (run_a / "COMPLETED").read_text() == "10\n" and not (run_a / "REQUEUE").exists()
+    _check_logs(run_a, tmp_path / "a.rank0.log")
 
     # C: SIGTERM to rank 1 only, once step 2 is logged: both ranks checkpoint and exit 75
     run_c = tmp_path / "c"
@@ -138,11 +162,13 @@ def test_tiny_prior_trains_resumes_exactly_and_stops_on_sigterm(corpus, tmp_path
     s = max(_losses(run_c))
     assert read_latest(run_c / "checkpoints") == f"step_{s:08d}"
     assert 2 <= s < 10, s
+    assert (run_c / "REQUEUE").read_text() == f"{s}\n" and not (run_c / "COMPLETED").exists()
 
     # resume C to step 2s: the same losses as the uninterrupted run, to the last bit (fp32)
     assert _wait(_launch(run_c, corpus, 2 * s, "c2"), run_c, "c2") == [0, 0]
     c = _losses(run_c)
     assert sorted(c) == list(range(1, 2 * s + 1))
+    assert (run_c / "COMPLETED").read_text() == f"{2 * s}\n" and not (run_c / "REQUEUE").exists()
     for step in range(1, min(2 * s, 10) + 1):
         assert c[step] == a[step], (step, c[step], a[step])
 

@@ -1,0 +1,132 @@
+"""One metrics logger for every trainer: the same stdout line, metrics.jsonl and TensorBoard.
+
+    log = MetricsLogger.from_config(cfg.run.dir, cfg.logging)      # rank 0 writes; other ranks no-op
+    log.log(step, {"loss": 3.2, "lr": 3e-4})                         # split "train"
+    log.log(step, {"psnr": 31.0}, split="eval")
+    log.close()
+
+One name per metric everywhere, one prefix convention, the split:
+- stdout (rank 0, through ``print0``, or above the progress bar): ``train step 10: loss=3.2 lr=0.0003``;
+  floats with 4 significant digits (whole numbers from 1e4 to 1e7), per-rank lists (``memory_mb``) as their maximum;
+- ``<run_dir>/metrics.jsonl`` (split train) or ``<run_dir>/eval.jsonl`` (split eval): one JSON row
+  per call, ``{"step": 10, "loss": 3.2, ...}`` with the bare names (the file is the split);
+- TensorBoard ``<run_dir>/tb``: scalars tagged ``train/loss``, ``eval/psnr``; per-rank lists as
+  ``train/memory_mb/rank0``...; images as ``train/<name>``.
+A tqdm bar (rank 0, stderr) is kept only where the run asks for one (``logging.progress_bar``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+from dalle_ds.parallel.dist import get_rank, print0
+
+SPLITS = {"train": "metrics.jsonl", "eval": "eval.jsonl"}
+
+
+def format_value(v: Any) -> str:
+    if isinstance(v, bool) or isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.0f}" if 1e4 <= abs(v) < 1e7 else f"{v:.4g}"
+    if isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) for x in v):
+        return format_value(float(max(v)))
+    return str(v)
+
+
+def format_line(split: str, step: int, values: Mapping[str, Any], keys: list[str] | None = None) -> str:
+    """``<split> step <step>: k=v k=v`` over ``keys`` (default: every value), in that order."""
+    shown = [k for k in (keys if keys is not None else values) if k in values]
+    return f"{split} step {step}: " + " ".join(f"{k}={format_value(values[k])}" for k in shown)
+
+
+def _scalars(split: str, values: Mapping[str, Any]) -> list[tuple[str, float]]:
+    out = []
+    for k, v in values.items():
+        if isinstance(v, (list, tuple)):
+            out += [(f"{split}/{k}/rank{r}", float(x)) for r, x in enumerate(v) if isinstance(x, (int, float))]
+        elif isinstance(v, (int, float)) and k != "step":
+            out.append((f"{split}/{k}", float(v)))
+    return out
+
+
+class MetricsLogger:
+    """Rank-0 metrics sink. ``run_dir=None``: stdout (and the bar) only."""
+
+    def __init__(self, run_dir: str | Path | None, *, tensorboard: bool = True, progress_bar: bool = False,
+                 echo_keys: list[str] | None = None):
+        self.main = get_rank() == 0
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.progress_bar, self.echo_keys = progress_bar, echo_keys
+        self.writer, self.bar, self._files = None, None, {}
+        if self.main and self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.run_dir / "tb"))
+
+    @classmethod
+    def from_config(cls, run_dir: str | Path, cfg: Any, echo_keys: list[str] | None = None) -> "MetricsLogger":
+        """From ``cfg.logging`` (tensorboard, progress_bar)."""
+        return cls(run_dir, tensorboard=cfg.tensorboard, progress_bar=cfg.progress_bar, echo_keys=echo_keys)
+
+    def start_progress(self, total: int, initial: int, desc: str) -> None:
+        if self.main and self.progress_bar and self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def log(self, step: int, values: Mapping[str, Any], split: str = "train", echo: bool = True) -> None:
+        """Every rank may call it; rank 0 writes the row, its scalars and (``echo``) the line."""
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r}: one of {sorted(SPLITS)}")
+        if not self.main:
+            return
+        if self.run_dir is not None:
+            self._file(split).write(json.dumps({"step": step, **values}) + "\n")
+            self._file(split).flush()
+        if self.writer is not None:
+            for tag, v in _scalars(split, values):
+                self.writer.add_scalar(tag, v, step)
+        if self.bar is not None and "loss" in values and split == "train":
+            self.bar.set_postfix(loss=format_value(values["loss"]))
+        if echo:
+            self.echo(format_line(split, step, values, self.echo_keys if split == "train" else None))
+
+    def echo(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+            sys.stdout.flush()
+        else:
+            print0(line)
+
+    def image(self, name: str, image: Any, step: int, split: str = "train") -> None:
+        if self.main and self.writer is not None:
+            self.writer.add_image(f"{split}/{name}", image, step)
+
+    def _file(self, split: str):
+        if split not in self._files:
+            self._files[split] = open(self.run_dir / SPLITS[split], "a")
+        return self._files[split]
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
