@@ -23,21 +23,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dalle_ds.data.shards import IMAGE_SUFFIXES
+from dalle_ds.data.shards import IMAGE_SUFFIXES, captioned_images
 from dalle_ds.evaluation import metrics
 
 
 def load_folder(folder: str | Path, size: int | None = None, limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
     """Images (B, 3, H, W) in [0, 1] and captions from a folder of images with same-named .txt files."""
-    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
-    if not paths:
-        raise FileNotFoundError(f"{folder}: no {'/'.join(IMAGE_SUFFIXES)} images")
     images, captions = [], []
-    for p in paths:
-        txt = p.with_suffix(".txt")
-        if not txt.is_file():
-            raise FileNotFoundError(f"{txt}: missing caption for {p}")
-        captions.append(txt.read_text(encoding="utf-8").strip())
+    for p, caption in captioned_images(folder, limit):
+        captions.append(caption)
         with Image.open(p) as im:
             im = im.convert("RGB")
             if size and im.size != (size, size):

@@ -7,7 +7,8 @@
     progress.finish(writer, {"drops": ...})       # the tar appears whole, then its record
     write_manifest(out, build_manifest(FORMAT, "data_prep/x.py", shards, dropped, ...))
 
-Formats (webdataset tars, one sample = the members sharing a key). Image shards (data_prep/
+Formats (webdataset tars, one sample = the members sharing a key; and plain image folders with
+same-named ``.txt`` captions, :func:`captioned_images`). Image shards (data_prep/
 shard_corpus.py): ``<key>.jpg`` (RGB), ``<key>.txt`` (UTF-8 caption), ``<key>.json`` (source,
 original size, pixel hash). Token shards (data_prep/tokenize_images.py): ``<key>.codes`` (raw
 little-endian uint16, grid row-major), ``<key>.txt``, ``<key>.json``. Every output folder ends
@@ -180,6 +181,22 @@ def write_manifest(out: str, manifest: Mapping[str, Any]) -> str:
     return url
 
 
+def captioned_images(folder: str | Path, limit: int | None = None) -> list[tuple[Path, str]]:
+    """(image path, caption) of a local folder of images with same-named ``.txt`` captions (what
+    ``dalle_ds.sample`` writes in ``kept/``), images sorted, the first ``limit``. Raises
+    ``FileNotFoundError`` when there is no image or a caption is missing, naming the path."""
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    if not paths:
+        raise FileNotFoundError(f"{folder}: no {'/'.join(IMAGE_SUFFIXES)} images")
+    pairs = []
+    for p in paths:
+        txt = p.with_suffix(".txt")
+        if not txt.is_file():
+            raise FileNotFoundError(f"{txt}: missing caption for {p}")
+        pairs.append((p, txt.read_text(encoding="utf-8").strip()))
+    return pairs
+
+
 def count_drops(reasons: tuple[str, ...], *counts: Mapping[str, int]) -> collections.Counter:
     """Drop counts with every reason present (zeros too), summed over ``counts``."""
     total = collections.Counter({r: 0 for r in reasons})
@@ -189,4 +206,4 @@ def count_drops(reasons: tuple[str, ...], *counts: Mapping[str, int]) -> collect
 
 
 __all__ = ["IMAGE_EXTS", "IMAGE_SUFFIXES", "INPUT_IMAGE_EXTS", "TAR_MTIME", "PROGRESS", "MANIFEST", "ShardWriter",
-           "Progress", "build_manifest", "write_manifest", "job_diff", "count_drops", "temp_path"]
+           "Progress", "build_manifest", "write_manifest", "job_diff", "count_drops", "temp_path", "captioned_images"]

@@ -415,20 +415,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("folder", type=Path)
     ap.add_argument("--limit", type=int, default=None, help="score only the first N images (sorted)")
     args = ap.parse_args(argv)
-    paths = sorted(p for p in args.folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    paths = paths[: args.limit]
-    if not paths:
-        raise SystemExit(f"no .png/.jpg images under {args.folder}")
-    captions, scenes = [], []
-    for p in tqdm(paths, desc=f"scoring {args.folder}", unit="img", mininterval=0.5):
-        txt = p.with_suffix(".txt")
-        if not txt.exists():
-            raise SystemExit(f"missing caption file {txt}")
-        captions.append(txt.read_text(encoding="utf-8").strip())
+    from dalle_ds.data.shards import captioned_images
+
+    try:
+        pairs = captioned_images(args.folder, args.limit)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    scenes = []
+    for p, _ in tqdm(pairs, desc=f"scoring {args.folder}", unit="img", mininterval=0.5):
         with Image.open(p) as im:
             scenes.append(detect(im))
-    rates = attribute_rates(scenes, captions)
-    print(f"{len(paths)} images: " + " ".join(f"{k}={v:.4f}" for k, v in rates.items()))
+    rates = attribute_rates(scenes, [caption for _, caption in pairs])
+    print(f"{len(pairs)} images: " + " ".join(f"{k}={v:.4f}" for k, v in rates.items()))
 
 
 if __name__ == "__main__":
