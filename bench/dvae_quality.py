@@ -44,7 +44,7 @@ def _train(run_dir: str, shards: str, overrides: list[str]) -> None:
 
 def run_variant(name: str, shards: str, heldout: str, ranks: int, extra: list[str]) -> dict:
     from dalle_ds.data.loaders import ImageShardLoader
-    from dalle_ds.models.dvae import load_dvae
+    from dalle_ds.models.dvae_io import load_dvae
     from dalle_ds.evaluation.reconstruction import evaluate_reconstruction
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -35,7 +35,7 @@ _EXPORTS = {
     "load_config": "dalle_ds.config",
     "Prior": "dalle_ds.models.prior",
     "DiscreteVAE": "dalle_ds.models.dvae",
-    "load_dvae": "dalle_ds.models.dvae",
+    "load_dvae": "dalle_ds.models.dvae_io",
     "TextTokenizer": "dalle_ds.data.tokenizer",
 }
 

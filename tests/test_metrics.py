@@ -69,6 +69,28 @@ def test_fid_through_an_extractor_and_after_blur():
     assert metrics.fid(probe, a, b) > 1.0
 
 
+class _SharpnessProbe(_Probe):
+    """Features = mean absolute horizontal/vertical pixel differences per channel: what a blur removes."""
+
+    num_features = 6
+
+    def features(self, images):
+        dx = (images[..., :, 1:] - images[..., :, :-1]).abs().mean((2, 3))
+        dy = (images[..., 1:, :] - images[..., :-1, :]).abs().mean((2, 3))
+        return torch.cat([dx, dy], 1).double() * 10
+
+
+def test_fid_grows_with_the_blur_of_the_samples():
+    probe = _SharpnessProbe()
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(64, 3, 16, 16, generator=g)
+    fids = [metrics.fid(probe, real, metrics.gaussian_blur(real.clone(), r)) for r in (0, 0.5, 1, 2)]
+    assert fids[0] == pytest.approx(0.0, abs=1e-6)
+    assert fids[0] < fids[1] < fids[2] < fids[3]
+    # the mean-colour probe cannot see a blur: the blur keeps the mean colour (replicated edges)
+    assert metrics.fid(_Probe(), real, metrics.gaussian_blur(real, 2)) < 0.05 * fids[3]
+
+
 def test_gaussian_blur():
     x = torch.zeros(1, 3, 41, 41)
     x[:, :, 20, 20] = 1.0

@@ -141,10 +141,16 @@ def test_sample_cli_writes_grid_json_and_completion(tmp_path):
                  "--prompt", "a red circle", "-n", "2", "--keep", "2", "--image-prompt", str(tmp_path / "prompt.png"),
                  "--prompt-rows", "3", "--out", str(out2), "--device", "cpu"])
     vae = load_dvae(str(dvae_dir))
-    want = vae.encode(grids.load_image(str(tmp_path / "prompt.png"), 16)).reshape(1, -1)[:, :24]
+    # expected codes from the image's own pixels (already 16x16: no crop or resize), not through load_image
+    pixels = (img * 255).round() / 255
+    want = vae.encode(pixels.unsqueeze(0)).reshape(1, -1)[:, :24]  # the top 3 rows of the 8x8 grid
     pipe = pipeline.Pipeline(str(prior_dir), str(dvae_dir), str(tok))
-    r = pipe.sample("a red circle", 2, 2, 0, SamplingSettings(), pipe.prompt_codes(str(tmp_path / "prompt.png"), 3))
+    prompt = pipe.prompt_codes(str(tmp_path / "prompt.png"), 3)
+    assert torch.equal(prompt, want)
+    r = pipe.sample("a red circle", 2, 2, 0, SamplingSettings(), prompt)
     assert torch.equal(r["codes"][:, :24], want.expand(2, -1))
+    free = pipe.sample("a red circle", 2, 2, 0, SamplingSettings())  # same seeds, no prompt
+    assert not torch.equal(free["codes"][:, :24], r["codes"][:, :24])
     assert json.loads((out2 / "samples.json").read_text())["prompt_rows"] == 3
 
 

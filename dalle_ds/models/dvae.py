@@ -222,13 +222,3 @@ def save_dvae(vae: DiscreteVAE, out_dir: str, extra: dict | None = None) -> dict
         json.dump(meta, f, indent=2)
     os.replace(os.path.join(out_dir, EXPORT_CONFIG) + ".tmp", os.path.join(out_dir, EXPORT_CONFIG))
     return meta
-
-
-def __getattr__(name: str):
-    """``load_dvae`` lives in :mod:`dalle_ds.models.dvae_io` (local and s3:// exports); the old
-    import path ``dalle_ds.models.dvae.load_dvae`` resolves there."""
-    if name == "load_dvae":
-        from dalle_ds.models.dvae_io import load_dvae
-
-        return load_dvae
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
