@@ -133,6 +133,7 @@ SOURCES = [
     ("deepspeed.runtime.engine:DeepSpeedEngine._configure_zero_optimizer",
      "from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3"),
     ("deepspeed.runtime.config:DeepSpeedConfig._initialize_params", "self.gradient_clipping = "),
+    (STAGE3 + ".step", "self._overflow_check_and_loss_scale_update(update_scale=False)"),
 ]
 PARAM_ATTRIBUTES = ["param.ds_shape = ", "param.ds_numel = ", "param.ds_tensor = ", "param.ds_id = ",
                     "param.partition_numel = partition_numel"]
@@ -193,6 +194,24 @@ def test_skip_switch_without_zero3_skips_the_client_step():
     skip[0] = False
     opt.step()
     assert opt.steps == 1 and not ds_internals.step_overflowed(opt)
+
+
+def test_zero3_step_decides_the_skip_before_the_norm():
+    """run_at_update_decision relies on the overflow check preceding the norm (and the update) in step."""
+    source = inspect.getsource(resolve(STAGE3 + ".step"))
+    assert source.index("_overflow_check_and_loss_scale_update(update_scale=False)") < source.index(
+        "_get_norm_groups()") < source.index("_optimizer_step(")
+
+
+@pytest.mark.parametrize("skip,raw,veto", [(False, False, False), (True, False, False), (False, True, False),
+                                           (False, False, True)])
+def test_update_decision_sees_the_skip_switch_and_may_veto(skip, raw, veto):
+    opt, seen = FakeStage3(overflow=raw), []
+    ds_internals.install_skip_switch(opt, lambda: skip)
+    ds_internals.run_at_update_decision(opt, lambda skipped: seen.append(skipped) or veto)
+    expected = skip or raw or veto
+    assert opt._overflow_check_and_loss_scale_update() is expected
+    assert seen == [skip or raw] and opt.cleanups == 1 and ds_internals.step_overflowed(opt) is expected
 
 
 def test_gradient_clipping_goes_to_the_optimizer_or_the_engine_config():

@@ -97,8 +97,9 @@ def full_params(engine):
 
 
 def expected_cross_bytes(model, node_size, local, rank, min_numel, exact_fn):
-    """Payload bytes one rank all-reduces across nodes per step, from the parameter shapes alone."""
-    total = 0
+    """(payload bytes one rank all-reduces across nodes per step, compressed blocks), from the
+    parameter shapes alone (without the step's flag and the blocks' fp32 scale scalars)."""
+    total = blocks = 0
     for name, p in model.named_parameters():
         shape = tuple(p.ds_shape)
         numel = math.prod(shape)
@@ -114,11 +115,12 @@ def expected_cross_bytes(model, node_size, local, rank, min_numel, exact_fn):
         head = min((-off) % cols, valid)
         rows = (valid - head) // cols
         r = min(rank, rows, cols)
-        if rows * cols >= min_numel and r * (rows + cols) * 2 < rows * cols * 4:
+        if rows * cols >= min_numel and r * (rows + cols) * 2 < rows * cols * 2:  # pays vs fp16 exact
             total += 2 * r * (rows + cols) + 4 * (valid - rows * cols)  # fp16 P, Q + fp32 head/tail
+            blocks += 1
         else:
             total += 4 * valid
-    return total
+    return total, blocks
 
 
 def _all_modes(ckpt_dir):
@@ -140,18 +142,18 @@ def _all_modes(ckpt_dir):
     calls = []
     real_all_reduce = powersgd._all_reduce
 
-    def counting(t, group, num_nodes):
+    def counting(t, group, num_nodes, op=torch.distributed.ReduceOp.SUM):
         calls.append((t.numel() * t.element_size(), t.dtype))
-        real_all_reduce(t, group, num_nodes)
+        real_all_reduce(t, group, num_nodes, op=op)
 
     powersgd._all_reduce = counting
     engine, hier = build("powersgd")
     train(engine, 1)
     powersgd._all_reduce = real_all_reduce
     out["measured_bytes"] = sum(b for b, _ in calls)
-    out["flag_calls"] = sum(1 for _, dt in calls if dt == torch.float32)
-    out["expected_bytes"] = expected_cross_bytes(engine.module, 2, info.local_rank, 8, 256,
-                                                 hierarchical_zero.default_exact)
+    out["factor_calls"] = sum(1 for _, dt in calls if dt == torch.float16)
+    out["expected_bytes"], out["blocks"] = expected_cross_bytes(engine.module, 2, info.local_rank, 8, 256,
+                                                                hierarchical_zero.default_exact)
     out["psgd_stats"] = hier.stats()
     train(engine, 5, start=1)
     out["psgd_params"] = full_params(engine)
@@ -184,9 +186,10 @@ def test_two_fake_nodes_exact_and_powersgd(tmp_path):
         torch.testing.assert_close(torch.from_numpy(o["exact_params"]), torch.from_numpy(o["flat_params"]),
                                    rtol=1e-6, atol=1e-7)
         assert o["stats"]["steps"] == 4 and o["stats"]["compression_rate"] == 0.0
-        # PowerSGD: measured cross-node payload = formula from the shapes + one fp32 flag per bucket
-        assert o["flag_calls"] >= 2, o["flag_calls"]  # several buckets exercised
-        assert o["measured_bytes"] == o["expected_bytes"] + 4 * o["flag_calls"], (r, o["measured_bytes"])
+        # PowerSGD: measured cross-node payload = formula from the shapes + one fp32 flag per step
+        # + one fp32 max-abs scalar per compressed block for P and one for Q'
+        assert o["factor_calls"] >= 4, o["factor_calls"]  # several buckets exercised (P and Q' each)
+        assert o["measured_bytes"] == o["expected_bytes"] + 4 + 8 * o["blocks"], (r, o["measured_bytes"])
         assert o["psgd_stats"]["cross_node_bytes_per_step"] == o["measured_bytes"]
         assert 0.3 < o["psgd_stats"]["compression_rate"] < 1.0, o["psgd_stats"]
         assert o["final_stats"]["steps"] == 6 and o["final_stats"]["skipped_nonfinite"] == 0

@@ -35,6 +35,11 @@ def test_split_rows_head_rows_tail():
     assert not worth_compressing(split_rows(0, 16, 4), rank=4, comm_bytes=2, min_numel=1)  # r = 4 = cols
     assert worth_compressing(split_rows(0, 64 * 64, 64), rank=8, comm_bytes=2, min_numel=1)
     assert not worth_compressing(split_rows(0, 64 * 64, 64), rank=8, comm_bytes=2, min_numel=10_000)
+    # #15: the baseline is an fp16 exact all-reduce. 12B `proj` shard (496 x 3968) at rank 896 -> r = 496:
+    # P + Q = 4.4 MB > 3.9 MB fp16 exact (< 7.9 MB fp32, so the old rule compressed it); rank 128 pays.
+    proj = split_rows(0, 496 * 3968, 3968)
+    assert not worth_compressing(proj, rank=896, comm_bytes=2, min_numel=1)
+    assert worth_compressing(proj, rank=128, comm_bytes=2, min_numel=1)
 
 
 def test_matches_torch_powersgd_hook_arithmetic():
@@ -110,7 +115,7 @@ def test_error_feedback_sum_of_updates_converges():
 
 def test_exact_shards_and_partial_rows_are_not_compressed():
     torch.manual_seed(3)
-    psgd = PowerSGD(_cfg(rank=2), None, 1)
+    psgd = PowerSGD(_cfg(rank=2, comm_dtype="float16"), None, 1)
     g = torch.randn(50)  # a shard starting mid-row of a (., 8) matrix: head 3, rows 5 (40), tail 7
     emb = torch.randn(64)
     flat, flat_emb = g.clone(), emb.clone()
@@ -120,8 +125,8 @@ def test_exact_shards_and_partial_rows_are_not_compressed():
     st = psgd.stats()  # one "step" not yet closed: close it
     psgd.end_step()
     st = psgd.stats()
-    # payload: P (5x2) + Q (8x2) in fp32 comm, exact 3 + 7 + 64 + 1 flag in fp32
-    assert st["cross_node_bytes_per_step"] == (10 + 16) * 4 + (3 + 7 + 64 + 1) * 4
+    # payload: P (5x2) + Q (8x2) in fp16 with one fp32 scale scalar each, exact 3 + 7 + 64 + 1 flag in fp32
+    assert st["cross_node_bytes_per_step"] == (10 + 16) * 2 + 2 * 4 + (3 + 7 + 64 + 1) * 4
     assert st["cross_node_bytes_uncompressed_per_step"] == (50 + 64) * 4
     assert st["compressed_numel_per_step"] == 40 and st["exact_numel_per_step"] == 74
 
@@ -177,3 +182,74 @@ def test_fixed_q_is_identical_across_instances_and_not_resampled():
     q0 = w._q("layer.0.w", 16, 2, cpu).clone()
     w.average_([Shard("layer.0.w", torch.randn(16 * 16), 0, 16)])
     assert not torch.equal(w.qs["layer.0.w"], q0)  # warm start: Q is the last all-reduced Q
+
+
+# ---------------------------------------------------------------- 16-bit P/Q at cluster scale (#15)
+
+def _simulated_allreduce(parts, comm_dtype, k):
+    """The averager's factor all-reduce over ``k`` simulated nodes, arithmetically in one process:
+    the MAX all-reduce of max-abs, each node's encoded 16-bit payload, a sequential 16-bit sum (what a
+    ring reduction in the comm dtype does), decode. fp32: the plain mean."""
+    from dalle_ds.parallel.powersgd import comm_scale_log2, decode_factor, encode_factor
+
+    if comm_dtype == torch.float32:
+        return sum(parts) / k
+    maxabs = torch.stack([p.abs().amax() for p in parts]).amax().reshape(1)
+    s = comm_scale_log2(maxabs, comm_dtype, k).item()
+    total = torch.zeros(parts[0].shape, dtype=comm_dtype)
+    for p in parts:
+        total += encode_factor(p, s, comm_dtype, k)
+    return decode_factor(total, s, k)
+
+
+def test_fp16_factors_keep_small_gradients_on_128_nodes():
+    """A 496x3968 shard (12B `proj` rows) on 128 simulated nodes: per-element gradient magnitudes
+    1e-8 .. 1e2 decompress within 1% of fp32 PowerSGD (same rank, same Q) and nothing fp32 keeps is
+    flushed to zero. Before #15 (factor / k cast to fp16) 1e-6 lost everything and 1e-5 lost 87%."""
+    k, rows, cols, r = 128, 496, 3968, 128
+    torch.manual_seed(0)
+    u, v = torch.linalg.qr(torch.randn(rows, 64)).Q, torch.linalg.qr(torch.randn(cols, 64)).Q
+    common = (u * (0.8 ** torch.arange(64.0))) @ v.T * 800 + torch.randn(rows, cols)  # (rows, C), shared
+    common /= common.abs().mean()  # per-element magnitude 1
+    ls, rs = torch.randn(k, rows, 2), torch.randn(k, cols, 2) * 0.5  # each node's own rank-2 part
+    q = torch.randn(cols, r)  # the fixed Gaussian Q
+    cq = common @ q
+
+    def decompress(scale, comm_dtype):  # node i's gradient: scale * (common + ls[i] rs[i]^T)
+        p = _simulated_allreduce([scale * (cq + ls[i] @ (rs[i].T @ q)) for i in range(k)], comm_dtype, k)
+        p = orthogonalize(p, 1e-6)
+        ctp = common.T @ p
+        qn = _simulated_allreduce([scale * (ctp + rs[i] @ (ls[i].T @ p)) for i in range(k)], comm_dtype, k)
+        return p @ qn.T
+
+    for e in range(-8, 3):
+        ref, out = decompress(10.0 ** e, torch.float32), decompress(10.0 ** e, torch.float16)
+        rel = float((out - ref).norm() / ref.norm())
+        assert rel < 0.01, (e, rel)
+        assert not ((ref != 0) & (out == 0)).any(), e
+
+
+def test_fp16_average_of_tiny_gradients_over_128_identical_nodes(monkeypatch):
+    """Through ``average_``: 128 nodes with the same shard (the sum is 128x each payload, summed in
+    the comm dtype) must give fp32 PowerSGD's result, even at 1e-8 per element."""
+    from dalle_ds.parallel import powersgd
+
+    def fake_all_reduce(t, group, num_nodes, op=torch.distributed.ReduceOp.SUM):
+        if op == torch.distributed.ReduceOp.SUM:
+            total = torch.zeros_like(t)
+            for _ in range(num_nodes):
+                total += t
+            t.copy_(total)
+
+    monkeypatch.setattr(powersgd, "_all_reduce", fake_all_reduce)
+    torch.manual_seed(6)
+    g = (torch.randn(96, 4) @ torch.randn(4, 80) + 0.1 * torch.randn(96, 80)) * 1e-8
+    outs = {}
+    for dtype in ("float32", "float16"):
+        psgd = PowerSGD(_cfg(rank=8, comm_dtype=dtype), None, num_nodes=128)
+        flat = g.clone().reshape(-1)
+        psgd.average_([Shard("w", flat, 0, 80)])
+        outs[dtype] = flat.view(96, 80)
+    rel = float((outs["float16"] - outs["float32"]).norm() / outs["float32"].norm())
+    assert rel < 0.01, rel
+    assert not ((outs["float32"] != 0) & (outs["float16"] == 0)).any()

@@ -46,6 +46,10 @@ on the class)                             imported by ``DeepSpeedEngine.``  intr
                                                                             ``offloads_optimizer``)
 ``Stage3.step(closure)`` (wrapped per     stage3.py                         PowerSGD counts its steps after each update
 instance)                                                                   (``call_after_step``)
+``Stage3._overflow_check_and_loss_``      stage3.py ``step`` calls it with  the cross-node average runs once the skip
+``scale_update`` (wrapped per instance    ``update_scale=False`` before     decision is known, so a skipped step never
+again, outside the skip switch)           ``_get_norm_groups``              touches PowerSGD's error buffers or Q
+                                                                            (``run_at_update_decision``)
 ``get_fp32_state_dict_from_zero_``        deepspeed/utils/zero_to_fp32.py   export consolidates a ZeRO checkpoint
 ``checkpoint(checkpoint_dir, tag, ...)``                                    offline; its CLI script would need
                                                                             huggingface_hub
@@ -195,6 +199,27 @@ def call_after_step(opt: Any, fn: Callable[[], None]) -> None:
         return out
 
     opt.step = step_then_call
+
+
+def run_at_update_decision(opt: Any, fn: Callable[[bool], bool]) -> None:
+    """In every ZeRO-3 ``opt.step``, once DeepSpeed knows whether the step is skipped (fp16 overflow,
+    or a skip requested through :func:`install_skip_switch`) and before it takes the gradient norm,
+    call ``fn(skipped)``; ``fn`` returning True makes the step a skip (an overflow, counted as one).
+    Wraps this instance's ``_overflow_check_and_loss_scale_update`` around whatever is there, so it
+    must be installed after :func:`install_skip_switch` (``Engine`` runs ``after_initialize`` hooks
+    after installing the switch)."""
+    ensure_version()
+    inner = opt._overflow_check_and_loss_scale_update
+
+    def check(update_scale: bool = True) -> bool:
+        overflow = bool(inner(update_scale=False))
+        if fn(overflow) and not overflow:
+            opt.overflow = overflow = True
+        if not update_scale:
+            return overflow
+        return opt._loss_scale_update_and_overflow_cleanup()
+
+    opt._overflow_check_and_loss_scale_update = check
 
 
 # ---------------------------------------------------------------- ZeRO-3 gradient shards

@@ -11,6 +11,11 @@ The paper's scheme (App. E) on DeepSpeed 0.19.8, which has no gradient-communica
    accumulated shard buffers of the bucket are averaged over the ``cross`` group (the ranks with
    the same local index on the other nodes) by an averager from ``dalle_ds.parallel.powersgd``, which also
    divides by the number of nodes, so the shard holds the global mean, as with flat ZeRO-3.
+   The wrapper only records the bucket's shards during backward; the averaging runs inside the
+   optimizer step, once the step's skip decision is known (fp16 overflow, the block scaler's vote;
+   ``deepspeed_internals.run_at_update_decision``) and before the gradient norm: a skipped step
+   leaves PowerSGD's error buffers and Q exactly as they were (#15). A non-finite shard on any node
+   (one flag all-reduce per step) makes every node skip.
 3. Gradient norms, clipping and overflow checks in DeepSpeed reduce over the parameter's partition
    group (the node); every node holds the same averaged shards, so they see the global values.
 
@@ -124,8 +129,18 @@ class Hierarchy:
         if not ds_internals.partition_grads_patched():
             raise RuntimeError("hierarchical_zero.install() must run before deepspeed.initialize")
         averager = self.averager
+        pending: list[list[Shard]] = []  # this step's buckets, averaged once the skip decision is known
+
+        def decide(skipped: bool) -> bool:
+            buckets = list(pending)
+            pending.clear()
+            if skipped or not buckets:  # an fp16 overflow or a skip vote: E and Q stay as they were
+                return False
+            return not averager.average_buckets_(buckets)  # non-finite on some node: skip everywhere
+
         ds_internals.set_partition_grads_hook(
-            opt, lambda params, buffers: averager.average_(_shards(opt, params, buffers)))
+            opt, lambda params, buffers: pending.append(_shards(opt, params, buffers)))
+        ds_internals.run_at_update_decision(opt, decide)
         ds_internals.call_after_step(opt, averager.end_step)
 
     def stats(self) -> dict[str, Any]:
