@@ -20,10 +20,11 @@ Resume (the scheme of :class:`dalle_ds.data.shards.Progress`, shared with tokeni
 finished shard is renamed into place (or uploaded whole to S3), then its progress record
 ``_progress/{prefix}-NNNNNN.tar.json`` stores the next input index, the drops and the pixel
 hashes of its samples. A re-run (after ``kill -9`` at any point) skips the recorded shards,
-rebuilds the duplicate filter from their hashes and goes on from the next input. ``manifest.json``
+brings the duplicate filter in line with them and goes on from the next input. ``manifest.json``
 is written after everything else; a re-run against a finished output does nothing.
 
-Memory: the duplicate filter holds one 128-bit hash per kept sample (about 100 bytes each).
+Memory does not grow with the corpus (``_shard_state.py``): the duplicate filter is an sqlite
+file, rejects stream to disk as they occur and are concatenated into ``rejects.jsonl`` at the end.
 Credentials come from boto3's standard chain and are never printed or stored.
 """
 
@@ -31,13 +32,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import multiprocessing as mp
 import os
 import re
 import signal
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from itertools import islice
@@ -54,6 +53,7 @@ from dalle_ds.data import storage  # noqa: E402
 from dalle_ds.data.shards import (  # noqa: E402
     MANIFEST, Progress, ShardWriter, build_manifest, count_drops, write_manifest,
 )
+from data_prep._shard_state import ResumeState, shard_name  # noqa: E402
 from data_prep._shard_inputs import discover, fingerprint, iter_items, known_count  # noqa: E402
 from data_prep._shard_sample import (  # noqa: E402
     DROP_REASONS, Item, Outcome, SampleConfig, meta_bytes, process, process_batch,
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     sources = discover(args.input)
     fp = fingerprint(sources)
     out = args.output.rstrip("/")
+    job = {"config": config, "input_fingerprint": fp}
     done = _check_output(out, config, fp, args.overwrite)
     if done is not None:
         Progress(out).clear()  # leftovers of a run killed between the manifest and this clean-up
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{len(done['shards'])} shards); nothing to do")
         return done
 
-    state = _ResumeState.load(out, args.prefix)
+    state = ResumeState.load(out, args.prefix, job)
     total = known_count(sources)
     if state.records:
         print(f"resuming after {len(state.records)} finished shard(s) at input {state.next_item}"
@@ -118,28 +119,32 @@ def main(argv: list[str] | None = None) -> dict:
     bar = tqdm(total=total, initial=state.next_item, unit="img", smoothing=0.05, mininterval=0.5,
                disable=args.no_progress, desc="shard_corpus")
     n_items, n_dropped = state.next_item, sum(sum(r["drops"].values()) for r in state.records)
-    writer: ShardWriter | None = None
-    for outcome in _run(items, cfg, args.workers):
-        n_items = outcome.index + 1
-        bar.update(1)
-        if outcome.reason is None and int(outcome.pixel_hash, 16) in state.seen:
-            outcome.reason, outcome.detail = "duplicate", f"pixel hash {outcome.pixel_hash} already kept"
-        if outcome.reason is not None:
-            state.drop(outcome)
-            n_dropped += 1
-            continue
-        state.seen.add(int(outcome.pixel_hash, 16))
-        if writer is None:
-            writer = ShardWriter(out, shard_name(args.prefix, len(state.records)))
-        writer.add(f"{outcome.index:09d}", {"jpg": outcome.jpg, "txt": outcome.txt, "json": meta_bytes(outcome.meta)})
-        state.hashes.append(outcome.pixel_hash)
-        if writer.count == args.samples_per_shard:
+    try:
+        writer: ShardWriter | None = None
+        for outcome in _run(items, cfg, args.workers):
+            n_items = outcome.index + 1
+            bar.update(1)
+            if outcome.reason is None and not state.seen.add(outcome.pixel_hash, state.shard_index):
+                outcome.reason, outcome.detail = "duplicate", f"pixel hash {outcome.pixel_hash} already kept"
+            if outcome.reason is not None:
+                state.drop(outcome)
+                n_dropped += 1
+                continue
+            if writer is None:
+                writer = ShardWriter(out, shard_name(args.prefix, state.shard_index))
+            writer.add(f"{outcome.index:09d}",
+                       {"jpg": outcome.jpg, "txt": outcome.txt, "json": meta_bytes(outcome.meta)})
+            state.keep(outcome.pixel_hash)
+            if writer.count == args.samples_per_shard:
+                state.finish(writer, next_item=n_items)
+                writer = None
+            if bar.n % 64 == 0:
+                bar.set_postfix(kept=n_items - n_dropped, dropped=n_dropped, refresh=False)
+        if writer is not None:
             state.finish(writer, next_item=n_items)
-            writer = None
-        if bar.n % 64 == 0:
-            bar.set_postfix(kept=len(state.seen), dropped=n_dropped, refresh=False)
-    if writer is not None:
-        state.finish(writer, next_item=n_items)
+    except BaseException:  # Ctrl-C, an error: the open shard is not finished; release the filter file
+        state.close()
+        raise
     bar.close()
     return _finalise(out, state, config, fp, n_items)
 
@@ -189,50 +194,6 @@ def _die_with_parent(parent: int) -> None:
 # ---------------------------------------------------------------- shards and resume (dalle_ds.data.shards)
 
 
-def shard_name(prefix: str, n: int) -> str:
-    return f"{prefix}-{n:06d}.tar"
-
-
-class _ResumeState:
-    """Finished shards (from their progress records), the duplicate filter and pending drops.
-
-    Shards are numbered in input order, so the finished ones are the unbroken run from 0; each
-    record holds the next input index, the drops since the previous shard and its pixel hashes.
-    """
-
-    def __init__(self, out: str):
-        self.progress = Progress(out)
-        self.records: list[dict] = []
-        self.seen: set[int] = set()
-        self.next_item = 0
-        self.drops: collections.Counter = collections.Counter()  # since the last record
-        self.rejects: list[dict] = []  # since the last record
-        self.hashes: list[str] = []  # of the open shard's samples
-
-    @classmethod
-    def load(cls, out: str, prefix: str) -> "_ResumeState":
-        state = cls(out)
-        finished = state.progress.finished()
-        while (name := shard_name(prefix, len(state.records))) in finished:
-            record = state.progress.record(name)
-            state.records.append(record)
-            state.seen.update(int(h, 16) for h in record["hashes"])
-            state.next_item = record["next_item"]
-        state.progress.remove_temps(f"{prefix}-[0-9]*.tar")
-        return state
-
-    def drop(self, o: Outcome) -> None:
-        self.drops[o.reason] += 1
-        self.rejects.append({"index": o.index, "source": o.source, "reason": o.reason, "detail": o.detail})
-
-    def finish(self, writer: ShardWriter, next_item: int) -> None:
-        record = self.progress.finish(writer, {"next_item": next_item, "drops": dict(self.drops),
-                                               "rejects": self.rejects, "hashes": self.hashes})
-        self.records.append(record)
-        self.next_item = next_item
-        self.drops, self.rejects, self.hashes = collections.Counter(), [], []
-
-
 def _check_output(out: str, config: dict, fp: str, overwrite: bool) -> dict | None:
     """The finished manifest if this exact job is already done; refuse to mix different jobs."""
     manifest_url, progress = storage.join(out, MANIFEST), Progress(out)
@@ -255,20 +216,15 @@ def _check_output(out: str, config: dict, fp: str, overwrite: bool) -> dict | No
     return None
 
 
-def _finalise(out: str, state: _ResumeState, config: dict, fp: str, n_items: int) -> dict:
-    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as rej:
-        for rejects in [r["rejects"] for r in state.records] + [state.rejects]:
-            for line in rejects:
-                rej.write(json.dumps(line, ensure_ascii=False) + "\n")
-    storage.upload_file(rej.name, storage.join(out, "rejects.jsonl"))
-    os.remove(rej.name)
+def _finalise(out: str, state: ResumeState, config: dict, fp: str, n_items: int) -> dict:
+    state.write_rejects(storage.join(out, "rejects.jsonl"))
     drops = count_drops(DROP_REASONS, *(r["drops"] for r in state.records), state.drops)
     manifest = build_manifest(FORMAT, "data_prep/shard_corpus.py", state.records, drops, "rejects.jsonl", config, fp)
     if manifest["inputs"] != n_items:
         raise RuntimeError(f"internal error: kept {manifest['samples']} + dropped {sum(drops.values())} "
                            f"!= inputs {n_items}")
     url = write_manifest(out, manifest)
-    state.progress.clear()
+    state.clear()
     dropped = {k: v for k, v in drops.items() if v}
     print(f"{url}: kept {manifest['samples']} of {n_items} inputs in {len(manifest['shards'])} shard(s); "
           f"dropped {sum(dropped.values())} {dropped}")

@@ -301,3 +301,67 @@ def test_resume_after_kill_9_keeps_every_sample_exactly_once(tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == ref_files
     sources = [json.loads(f["json"])["source"] for f in read_shards(out).values()]
     assert len(sources) == len(set(sources)) == 44
+
+
+def _interrupt_after(monkeypatch, n: int) -> None:
+    """Make shard_corpus stop (as Ctrl-C would) after ``n`` outcomes."""
+    real = shard_corpus._run
+
+    def run(*a, **kw):
+        for k, outcome in enumerate(real(*a, **kw)):
+            if k == n:
+                raise KeyboardInterrupt
+            yield outcome
+    monkeypatch.setattr(shard_corpus, "_run", run)
+
+
+@pytest.mark.parametrize("lose_filter", [False, True])
+def test_disk_backed_duplicate_filter_and_streamed_rejects_survive_interruption(tmp_path, monkeypatch, lose_filter):
+    """The duplicate filter lives in _progress/dedupe.sqlite and rejects stream to disk; after an
+    interruption the filter keeps only finished shards' hashes (or is rebuilt from the records
+    when the file is lost, as on another machine) and the output equals an uninterrupted run's."""
+    make_corpus(tmp_path / "corpus", n_good=16)
+    args = ["--input", str(tmp_path / "corpus"), "--samples-per-shard", "3", "--workers", "1", *SMALL]
+    reference = shard_corpus.main([*args, "--output", str(tmp_path / "ref")])
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 30)
+        with pytest.raises(KeyboardInterrupt):
+            shard_corpus.main([*args, "--output", str(out)])
+    progress = out / "_progress"
+    assert (progress / "dedupe.sqlite").is_file() and (progress / "rejects.open.jsonl").is_file()
+    parts = sorted(progress.glob("shard-*.tar.rejects.jsonl"))
+    records = [json.loads(p.read_text()) for p in sorted(progress.glob("shard-*.tar.json"))]
+    assert parts and sum(r["rejects"] for r in records) == sum(len(p.read_text().splitlines()) for p in parts)
+    if lose_filter:
+        (progress / "dedupe.sqlite").unlink()
+    assert shard_corpus.main([*args, "--output", str(out)]) == reference
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes()
+                                                               for p in (tmp_path / "ref").iterdir()}
+
+
+def test_seen_hashes_sync_drops_unfinished_and_restores_missing_shards(tmp_path):
+    from dalle_ds.data.shards import Progress
+    from data_prep._shard_state import SeenHashes
+
+    progress = Progress(str(tmp_path))
+    (tmp_path / "_progress").mkdir()
+    hashes = [[f"{s:02x}{i:030x}" for i in range(3)] for s in range(3)]
+    for s in range(3):
+        (tmp_path / "_progress" / f"s{s}.json").write_text(json.dumps({"hashes": hashes[s]}))
+    seen = SeenHashes(str(tmp_path / "db.sqlite"), "job-a")
+    assert all(seen.add(h, 0) for h in hashes[0]) and not seen.add(hashes[0][1], 1)
+    seen.commit(1)
+    assert all(seen.add(h, 1) for h in hashes[1])  # shard 1 never committed (killed)
+    seen.add("ff" * 16, 3)
+    seen.close()
+    seen = SeenHashes(str(tmp_path / "db.sqlite"), "job-a")
+    assert len(seen) == 3 and seen.shards == 1
+    seen.sync(progress, ["s0", "s1", "s2"])  # shards 1 and 2 are finished: re-added from their records
+    assert len(seen) == 9 and seen.shards == 3 and not seen.add(hashes[2][2], 5)
+    seen.sync(progress, ["s0"])  # fewer finished shards than the file knows: later rows go
+    assert len(seen) == 3 and seen.add(hashes[1][0], 1)
+    seen.close()
+    other = SeenHashes(str(tmp_path / "db.sqlite"), "job-b")  # another job's file is emptied
+    assert len(other) == 0
+    other.close()

@@ -1,0 +1,207 @@
+"""shard_corpus's resume state with memory that does not grow with the corpus.
+
+- :class:`SeenHashes`: the duplicate filter, one row per kept sample's pixel hash in an sqlite
+  file (``OUT/_progress/dedupe.sqlite`` for a local output, the system temp folder for S3);
+  memory is sqlite's page cache (capped at 16 MiB). Each row carries its shard number and the
+  rows of a shard are committed with the shard, so after ``kill -9`` the rows of unfinished
+  shards are deleted and those of finished shards the file lacks (a lost temp file, another
+  machine) are re-added from the shards' progress records.
+- rejects stream to a spool file as they occur; a finished shard's rejects since the previous
+  shard become ``_progress/NAME.rejects.jsonl`` (before its record, which makes it finished);
+  the final ``rejects.jsonl`` is their concatenation, copied in 1 MiB chunks.
+- :class:`ResumeState`: the finished shards' records without their hashes (name, samples,
+  next input index, drop counts, reject count), i.e. O(shards), not O(samples).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from dalle_ds.data import storage
+from dalle_ds.data.shards import PROGRESS, Progress, ShardWriter, temp_path
+
+CACHE_KIB = 16 << 10  # sqlite page cache: the dedupe filter's memory, whatever the corpus size
+
+
+def shard_name(prefix: str, n: int) -> str:
+    return f"{prefix}-{n:06d}.tar"
+
+
+def local_state_path(out: str, name: str) -> str:
+    """Where a local state file of the job on ``out`` lives: in ``_progress/`` for a local output
+    (so ``--overwrite`` and the final clean-up remove it), the temp folder for S3."""
+    if storage.is_s3(out):
+        return temp_path(out, name)
+    return os.path.join(out, PROGRESS, name)
+
+
+class SeenHashes:
+    """Pixel hashes of kept samples, on disk. ``add`` returns False for a hash already kept."""
+
+    def __init__(self, path: str, job_tag: str):
+        self.path = path
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._open(job_tag)
+        except sqlite3.DatabaseError:  # a corrupt or foreign file: start over (rebuilt from the records)
+            self.close()
+            self.remove_files(path)
+            self._open(job_tag)
+
+    def _open(self, job_tag: str) -> None:
+        self.db = sqlite3.connect(self.path, isolation_level=None)
+        for pragma in ("locking_mode=EXCLUSIVE", "synchronous=NORMAL", f"cache_size=-{CACHE_KIB}",
+                       "temp_store=FILE"):
+            self.db.execute(f"PRAGMA {pragma}")
+        self.db.execute("CREATE TABLE IF NOT EXISTS seen (hash BLOB PRIMARY KEY, shard INTEGER NOT NULL) WITHOUT ROWID")
+        self.db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
+        if self._meta("job", "") != job_tag:  # a new file, or another job's file at this path
+            self.db.execute("DELETE FROM seen")
+            self.db.execute("DELETE FROM meta")
+            self.db.execute("INSERT INTO meta VALUES ('job', ?)", (job_tag,))
+        self.db.execute("BEGIN")
+
+    def _meta(self, key: str, default: str) -> str:
+        row = self.db.execute("SELECT v FROM meta WHERE k = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    @property
+    def shards(self) -> int:
+        """Number of shards whose hashes are all committed."""
+        return int(self._meta("shards", "0"))
+
+    def add(self, pixel_hash: str, shard: int) -> bool:
+        cur = self.db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (bytes.fromhex(pixel_hash), shard))
+        return cur.rowcount == 1
+
+    def commit(self, shards: int) -> None:
+        """Every hash of shards ``< shards`` is added: make them durable."""
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('shards', ?)", (str(shards),))
+        self.db.execute("COMMIT")
+        self.db.execute("BEGIN")
+
+    def sync(self, progress: Progress, names: list[str]) -> None:
+        """Match the finished shards ``names`` (in order): drop rows of later shards, add the missing ones."""
+        n = len(names)
+        self.db.execute("DELETE FROM seen WHERE shard >= ?", (n,))
+        for k in range(min(self.shards, n), n):
+            for h in progress.record(names[k])["hashes"]:
+                self.add(h, k)
+        self.commit(n)
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
+
+    def close(self) -> None:
+        """Close; rows added since the last :meth:`commit` (the open shard's) are discarded."""
+        db = getattr(self, "db", None)
+        if db is not None:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            db.close()
+            self.db = None
+
+    @staticmethod
+    def remove_files(path: str) -> None:
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            Path(path + suffix).unlink(missing_ok=True)
+
+
+class ResumeState:
+    """Finished shards (from their progress records), the duplicate filter and the rejects spool.
+
+    Shards are numbered in input order, so the finished ones are the unbroken run from 0; each
+    record holds the next input index, the drops and rejects since the previous shard and the
+    pixel hashes of its samples (read back only to rebuild a lost duplicate filter).
+    """
+
+    def __init__(self, out: str, prefix: str, job: Mapping[str, Any]):
+        self.out, self.prefix = out, prefix
+        self.progress = Progress(out)
+        self.records: list[dict] = []  # without hashes
+        self.next_item = 0
+        self.drops: collections.Counter = collections.Counter()  # since the last record
+        self.n_rejects = 0  # since the last record
+        self.hashes: list[str] = []  # of the open shard's samples (at most --samples-per-shard)
+        tag = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
+        self.seen = SeenHashes(local_state_path(out, "dedupe.sqlite"), tag)
+        self.spool_path = local_state_path(out, "rejects.open.jsonl")
+        self.spool = open(self.spool_path, "w", encoding="utf-8")  # rejects after the last finished shard
+
+    @classmethod
+    def load(cls, out: str, prefix: str, job: Mapping[str, Any]) -> "ResumeState":
+        state = cls(out, prefix, job)
+        finished = state.progress.finished()
+        names = []
+        while (name := shard_name(prefix, len(names))) in finished:
+            names.append(name)
+        state.seen.sync(state.progress, names)
+        for name in names:
+            record = state.progress.record(name)
+            record.pop("hashes", None)
+            state.records.append(record)
+            state.next_item = record["next_item"]
+        state.progress.remove_temps(f"{prefix}-[0-9]*.tar")
+        return state
+
+    @property
+    def shard_index(self) -> int:
+        return len(self.records)
+
+    def drop(self, o) -> None:
+        self.drops[o.reason] += 1
+        self.n_rejects += 1
+        self.spool.write(json.dumps({"index": o.index, "source": o.source, "reason": o.reason,
+                                     "detail": o.detail}, ensure_ascii=False) + "\n")
+
+    def keep(self, pixel_hash: str) -> None:
+        self.hashes.append(pixel_hash)
+
+    def finish(self, writer: ShardWriter, next_item: int) -> None:
+        self.spool.close()
+        if self.n_rejects:
+            storage.upload_file(self.spool_path, self._rejects_url(writer.name))
+        self.seen.commit(self.shard_index + 1)
+        record = self.progress.finish(writer, {"next_item": next_item, "drops": dict(self.drops),
+                                               "rejects": self.n_rejects, "hashes": self.hashes})
+        record.pop("hashes")
+        self.records.append(record)
+        self.next_item = next_item
+        self.drops, self.n_rejects, self.hashes = collections.Counter(), 0, []
+        self.spool = open(self.spool_path, "w", encoding="utf-8")
+
+    def _rejects_url(self, name: str) -> str:
+        return storage.join(self.progress.folder, f"{name}.rejects.jsonl")
+
+    def write_rejects(self, url: str) -> None:
+        """Concatenate the shards' rejects and the open spool into ``url``, streaming."""
+        self.spool.close()
+        with tempfile.NamedTemporaryFile("wb", suffix=".jsonl", delete=False) as out:
+            for record in self.records:
+                if record.get("rejects"):
+                    with storage.open_read(self._rejects_url(record["name"])) as part:
+                        shutil.copyfileobj(part, out, 1 << 20)
+            with open(self.spool_path, "rb") as tail:
+                shutil.copyfileobj(tail, out, 1 << 20)
+        storage.upload_file(out.name, url)
+        os.remove(out.name)
+        self.spool = open(self.spool_path, "a", encoding="utf-8")
+
+    def close(self) -> None:
+        self.spool.close()
+        self.seen.close()
+
+    def clear(self) -> None:
+        """The job is done: remove the local state files and every progress record."""
+        self.close()
+        Path(self.spool_path).unlink(missing_ok=True)
+        SeenHashes.remove_files(self.seen.path)
+        self.progress.clear()
