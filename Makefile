@@ -24,8 +24,12 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt pyproj
 
 # The whole pipeline on the embedded shapes corpus, on CPU (tiny preset).
 demo: venv
-	$(PY) data_prep/make_shapes_corpus.py --output $(DEMO_DIR)/corpus --count 4000 --size 64 --seed 0
-	$(PY) data_prep/make_shapes_corpus.py --output $(DEMO_DIR)/heldout_corpus --count 500 --size 64 --seed 1
+	# Training scenes and held-out scenes: caption meanings are split by hash, so no held-out caption
+	# (under any phrasing) occurs in training; evaluate_captions counts the overlap and refuses any.
+	$(PY) data_prep/make_shapes_corpus.py --output $(DEMO_DIR)/corpus --count 4000 --size 64 --seed 0 \
+		--split train --workers 2
+	$(PY) data_prep/make_shapes_corpus.py --output $(DEMO_DIR)/heldout_corpus --count 1000 --size 64 --seed 1 \
+		--split heldout --workers 2
 	$(PY) data_prep/shard_corpus.py --input $(DEMO_DIR)/corpus --output $(DEMO_DIR)/shards \
 		--samples-per-shard 500 --image-size 64 --workers 2
 	$(PY) data_prep/shard_corpus.py --input $(DEMO_DIR)/heldout_corpus --output $(DEMO_DIR)/heldout_shards \
@@ -34,7 +38,7 @@ demo: venv
 		--output $(DEMO_DIR)/tokenizer.json
 	# Stage 1: the dVAE on 2 ranks, then its held-out PSNR / SSIM / codebook usage and reconstruction grid
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 dalle_ds/train_dvae.py --deepspeed_config ds_configs/dvae.json \
-		--config tiny --eval_shards $(DEMO_DIR)/heldout_shards run.dir=$(DEMO_DIR)/dvae logging.progress_bar=false
+		--config tiny --eval-shards $(DEMO_DIR)/heldout_shards run.dir=$(DEMO_DIR)/dvae data.image_shards=$(DEMO_DIR)/shards
 	$(PY) -m dalle_ds.evaluate_dvae --checkpoint $(DEMO_DIR)/dvae/export --shards $(DEMO_DIR)/heldout_shards \
 		--grid $(DEMO_DIR)/dvae_reconstructions.png
 	# Pre-encoding: image shards -> token shards, with a decode check
@@ -42,10 +46,11 @@ demo: venv
 		--output $(DEMO_DIR)/tokens --batch-size 64 --verify 16 --no-progress
 	# Stage 2: the prior under ZeRO-3 on 2 ranks, exported for sampling
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 dalle_ds/train.py --deepspeed_config ds_configs/zero3_fp32_cpu.json \
-		--config tiny run.dir=$(DEMO_DIR)/prior logging.progress_bar=false optim.max_steps=1200 \
-		data.dvae=$(DEMO_DIR)/dvae/export
+		--config tiny run.dir=$(DEMO_DIR)/prior optim.max_steps=1200 data.token_shards=$(DEMO_DIR)/tokens \
+		data.tokenizer=$(DEMO_DIR)/tokenizer.json data.dvae=$(DEMO_DIR)/dvae/export
 	$(PY) -m dalle_ds.export $(DEMO_DIR)/prior $(DEMO_DIR)/prior/export
-	# CLIP, samples for held-out captions with reranking, caption-match rates, FID/IS/CLIP score
+	# Reranker CLIP + judge CLIP (trained side by side), 16 samples for each of 128 held-out test captions,
+	# caption-match rates with 95% intervals per caption kind and attribute, judge-CLIP FID/IS/CLIP score
 	$(PY) -m dalle_ds.evaluate_captions --run $(DEMO_DIR) --checkpoint $(DEMO_DIR)/prior/export --dvae $(DEMO_DIR)/dvae/export
 	@echo "demo outputs are in $(DEMO_DIR)"
 

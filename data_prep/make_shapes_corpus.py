@@ -15,11 +15,17 @@ Output (the folder-tree-with-.txt-captions layout the sharder reads):
     DIR/000000/000000123.json  ground truth: background, objects (colour, kind, size, bbox, cell), relation
     DIR/index.json             the generator's settings, vocabulary and every sample's key, image and caption
 Sample i depends only on (seed, i): the same seed gives byte-identical files with any --workers.
+
+Held-out split (``--split train|heldout``): a caption's *meaning* (``shapes_scorer.caption_key``:
+what it states, synonyms and template wording collapsed) is held out when its salted hash falls in
+the lowest ``--holdout-fraction`` (``is_heldout``). A split corpus redraws each sample until its
+caption's meaning is on its side, so no held-out caption, under any phrasing, occurs in a train
+corpus of any seed. ``--split all`` (the default) is the unsplit corpus, byte for byte.
 """
 
 from __future__ import annotations
 
-import argparse
+import hashlib
 import io
 import json
 import os
@@ -35,15 +41,20 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dalle_ds.cli_args import Parser, run
 from dalle_ds.evaluation.shapes_scorer import (  # noqa: E402
     BACKGROUNDS, COLUMNS, KINDS, PALETTE, POSITION_JITTER, POSITION_WORDS, RELATION_WORDS, ROWS, SIZE_JITTER,
-    SIZE_WORDS, SIZES,
+    SIZE_WORDS, SIZES, caption_key,
 )
 
 FORMAT = "shapes-corpus/1"
 PER_FOLDER = 10_000  # images per numbered sub-folder
 SUPERSAMPLE = 4  # drawn at 4x and box-downsampled: anti-aliased edges
 MIN_GAP = 0.06  # empty space between two shapes, fraction of the image side
+SPLITS = ("all", "train", "heldout")
+HOLDOUT_FRACTION = 0.05  # share of caption meanings held out (hashed, see is_heldout)
+HOLDOUT_SALT = "shapes-holdout/1"
+MAX_ATTEMPTS = 10_000  # redraws per sample until its caption falls in the wanted split
 
 SINGLE_TEMPLATES = (
     "a {size} {colour} {kind}",
@@ -130,17 +141,48 @@ def draw(scene: dict, size: int) -> Image.Image:
     return img.reduce(SUPERSAMPLE)
 
 
-def make_sample(seed: int, index: int, size: int) -> tuple[bytes, str, dict]:
-    """PNG bytes, caption and ground truth of sample ``index`` (a pure function of its arguments)."""
-    rng = random.Random(f"shapes-corpus/{seed}/{index}")
-    scene = sample_scene(rng, size)
-    templates = SINGLE_TEMPLATES if len(scene["objects"]) == 1 else PAIR_TEMPLATES
-    template = rng.randrange(len(templates))
-    caption = caption_for(scene, templates[template], rng)
+def is_heldout(key: str, fraction: float = HOLDOUT_FRACTION, salt: str = HOLDOUT_SALT) -> bool:
+    """Whether the caption meaning ``key`` (``shapes_scorer.caption_key``) belongs to the held-out split:
+    its salted blake2b hash falls in the lowest ``fraction`` of the 64-bit range. A property of the
+    meaning alone, so every corpus (any seed, count or size) agrees on it."""
+    h = int.from_bytes(hashlib.blake2b(f"{salt}/{key}".encode(), digest_size=8).digest(), "big")
+    return h < fraction * 2.0 ** 64
+
+
+def _draw_scene(seed: int, index: int, size: int, split: str, fraction: float, salt: str
+                ) -> tuple[dict, str, int, str]:
+    """(scene, caption, template index, caption key): attempt 0 is the ``--split all`` sample; a split
+    redraws with attempts 1, 2, ... until the caption's meaning falls on its side."""
+    for attempt in range(MAX_ATTEMPTS):
+        rng = random.Random(f"shapes-corpus/{seed}/{index}" + (f"/{attempt}" if attempt else ""))
+        scene = sample_scene(rng, size)
+        templates = SINGLE_TEMPLATES if len(scene["objects"]) == 1 else PAIR_TEMPLATES
+        template = rng.randrange(len(templates))
+        caption = caption_for(scene, templates[template], rng)
+        if split == "all":
+            return scene, caption, template, ""
+        key = caption_key(caption)
+        if is_heldout(key, fraction, salt) == (split == "heldout"):
+            return scene, caption, template, key
+    raise RuntimeError(f"sample {index}: no {split} caption in {MAX_ATTEMPTS} attempts (holdout fraction {fraction})")
+
+
+def make_sample(seed: int, index: int, size: int, split: str = "all", holdout_fraction: float = HOLDOUT_FRACTION,
+                holdout_salt: str = HOLDOUT_SALT) -> tuple[bytes, str, dict]:
+    """PNG bytes, caption and ground truth of sample ``index`` (a pure function of its arguments).
+
+    ``split="all"``: any scene (today's corpus, byte for byte). ``"train"`` / ``"heldout"``: only scenes
+    whose caption meaning is (not) held out by :func:`is_heldout`; the truth json records ``split`` and
+    ``caption_key``."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: one of {list(SPLITS)}")
+    scene, caption, template, key = _draw_scene(seed, index, size, split, holdout_fraction, holdout_salt)
     buf = io.BytesIO()
     draw(scene, size).save(buf, format="PNG")
     truth = {"key": f"{index:09d}", "caption": caption, "image_size": size, "seed": seed,
              "template": f"{'single' if len(scene['objects']) == 1 else 'pair'}/{template}", **scene}
+    if split != "all":
+        truth.update(split=split, caption_key=key)
     return buf.getvalue(), caption, truth
 
 
@@ -148,9 +190,9 @@ def sample_path(index: int) -> str:
     return f"{index // PER_FOLDER:06d}/{index:09d}"
 
 
-def _write(job: tuple[str, int, int, int]) -> dict:
-    output, seed, size, index = job
-    png, caption, truth = make_sample(seed, index, size)
+def _write(job: tuple) -> dict:
+    output, seed, size, index, *split = job
+    png, caption, truth = make_sample(seed, index, size, *split)
     stem = Path(output) / sample_path(index)
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".png").write_bytes(png)
@@ -171,8 +213,14 @@ def _clear_previous(output: Path) -> None:
         raise SystemExit(f"--output {output} is not empty and holds no shapes corpus index.json; refusing to write")
 
 
-def make_corpus(output: Path | str, count: int, size: int = 64, seed: int = 0, workers: int = 1) -> Path:
-    """Write ``count`` samples and ``index.json`` into ``output``; returns the index path."""
+def make_corpus(output: Path | str, count: int, size: int = 64, seed: int = 0, workers: int = 1, split: str = "all",
+                holdout_fraction: float = HOLDOUT_FRACTION, holdout_salt: str = HOLDOUT_SALT) -> Path:
+    """Write ``count`` samples and ``index.json`` into ``output``; returns the index path.
+    ``split`` train / heldout: only scenes whose caption meaning is (not) held out (:func:`is_heldout`)."""
+    if split not in SPLITS:
+        raise ValueError(f"--split {split!r}: one of {list(SPLITS)}")
+    if not 0.0 < holdout_fraction < 1.0:
+        raise ValueError(f"--holdout-fraction must be in (0, 1), got {holdout_fraction}")
     if count < 1:
         raise ValueError(f"--count must be >= 1, got {count}")
     if size < 16:
@@ -182,7 +230,8 @@ def make_corpus(output: Path | str, count: int, size: int = 64, seed: int = 0, w
     output = Path(output)
     _clear_previous(output)
     output.mkdir(parents=True, exist_ok=True)
-    jobs = [(str(output), seed, size, i) for i in range(count)]
+    extra = () if split == "all" else (split, holdout_fraction, holdout_salt)
+    jobs = [(str(output), seed, size, i, *extra) for i in range(count)]
     bar = dict(total=count, desc=f"shapes corpus -> {output}", unit="img", mininterval=0.5)
     if workers == 1:
         samples = [_write(j) for j in tqdm(jobs, **bar)]
@@ -195,6 +244,9 @@ def make_corpus(output: Path | str, count: int, size: int = 64, seed: int = 0, w
         "templates": {"single": list(SINGLE_TEMPLATES), "pair": list(PAIR_TEMPLATES)},
         "samples": samples,
     }
+    if split != "all":
+        index["split"] = split
+        index["holdout"] = {"fraction": holdout_fraction, "salt": holdout_salt, "key": "shapes_scorer.caption_key"}
     tmp = output / "index.json.tmp"
     tmp.write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, output / "index.json")  # written last: a corpus without it is incomplete
@@ -202,19 +254,25 @@ def make_corpus(output: Path | str, count: int, size: int = 64, seed: int = 0, w
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--output", type=Path, required=True, help="folder to write (created)")
     ap.add_argument("--count", type=int, default=4000, help="number of images")
     ap.add_argument("--size", type=int, default=64, help="image side in pixels")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1, help="processes drawing in parallel")
+    ap.add_argument("--split", choices=SPLITS, default="all",
+                    help="all: any scene; train / heldout: only scenes whose caption meaning is not / is held out")
+    ap.add_argument("--holdout-fraction", type=float, default=HOLDOUT_FRACTION, help="share of meanings held out")
+    ap.add_argument("--holdout-salt", default=HOLDOUT_SALT, help="salt of the meaning hash (another salt, another split)")
     args = ap.parse_args(argv)
     try:
-        index = make_corpus(args.output, args.count, args.size, args.seed, args.workers)
+        index = make_corpus(args.output, args.count, args.size, args.seed, args.workers, args.split,
+                            args.holdout_fraction, args.holdout_salt)
     except ValueError as e:
         ap.error(str(e))
-    print(f"wrote {args.count} images of {args.size}x{args.size} and {index}")
+    split = "" if args.split == "all" else f" ({args.split} split: caption meanings hashed, {args.holdout_fraction:g} held out)"
+    print(f"wrote {args.count} images of {args.size}x{args.size} and {index}{split}")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run(main))

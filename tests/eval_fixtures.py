@@ -13,8 +13,10 @@ import torch
 from dalle_ds.config import DVAEConfig, ModelConfig
 
 
-def write_image_shards(folder: Path, count: int, size: int = 32, seed: int = 0, per_shard: int = 64) -> list[str]:
-    """Shapes-corpus samples as webdataset image shards (.png, .txt, .json); returns the captions."""
+def write_image_shards(folder: Path, count: int, size: int = 32, seed: int = 0, per_shard: int = 64,
+                       split: str = "all") -> list[str]:
+    """Shapes-corpus samples as webdataset image shards (.png, .txt, .json); returns the captions.
+    ``split`` train / heldout: make_shapes_corpus's meaning split (the json then records it)."""
     from data_prep.make_shapes_corpus import make_sample
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -22,10 +24,11 @@ def write_image_shards(folder: Path, count: int, size: int = 32, seed: int = 0, 
     for s in range(0, count, per_shard):
         with tarfile.open(folder / f"shard-{s // per_shard:06d}.tar", "w") as tar:
             for i in range(s, min(count, s + per_shard)):
-                png, caption, truth = make_sample(seed, i, size)
+                png, caption, truth = make_sample(seed, i, size, split)
                 captions.append(caption)
+                meta = {"source": "shapes", **({"split": split} if split != "all" else {})}
                 for name, data in ((f"{i:09d}.png", png), (f"{i:09d}.txt", caption.encode()),
-                                   (f"{i:09d}.json", json.dumps({"source": "shapes"}).encode())):
+                                   (f"{i:09d}.json", json.dumps(meta).encode())):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))

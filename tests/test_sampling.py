@@ -158,21 +158,44 @@ def test_demo_eval_prints_caption_match_with_and_without_reranking(tmp_path, cap
     from dalle_ds import evaluate_captions as demo_eval
     from tests.eval_fixtures import train_tokenizer, write_image_shards
 
-    write_image_shards(tmp_path / "shards", 32, size=16)
-    heldout_caps = write_image_shards(tmp_path / "heldout_shards", 8, size=16, seed=1)  # what `make demo` writes
+    write_image_shards(tmp_path / "shards", 32, size=16, split="train")
+    # what `make demo` writes: held-out meanings only, another seed
+    heldout_caps = write_image_shards(tmp_path / "heldout_shards", 16, size=16, seed=1, split="heldout")
     tok = train_tokenizer(tmp_path / "shards", tmp_path / "tokenizer.json", 320)
     prior_dir, dvae_dir = make_exports(tmp_path, grid=8)  # 16px images
     res = demo_eval.main(["--run", str(tmp_path), "--checkpoint", str(prior_dir), "--dvae", str(dvae_dir),
-                          "--clip-steps", "2", "--tokenizer", str(tok), "--captions", "2", "-n", "3", "--keep", "2", "--references", "6",
-                          "--batch-size", "4"])
+                          "--clip-steps", "2", "--tokenizer", str(tok), "--dev-captions", "1", "--captions", "2",
+                          "-n", "3", "--keep", "2", "--references", "6", "--batch-size", "4", "--bootstrap", "50"])
     out = capsys.readouterr().out
     assert "caption-match without reranking" in out and "top-1" in out
-    assert f"held-out captions and 6 references from {tmp_path / 'heldout_shards'}" in out
-    assert set(res["caption_match"]) == {"without_rerank", "rerank_top1", "rerank_top2"}
+    assert f"2 test captions and 6 references from {tmp_path / 'heldout_shards'}" in out
+    assert "held-out overlap with training: 0/2 caption strings, 0/2 meanings (32 training captions)" in out
+    assert "judge CLIP (separately trained, seed 1; not the reranker)" in out
+    assert {"without_rerank", "rerank_top1", "rerank_top2", "first_candidate", "any_of_n"} == set(res["caption_match"])
     assert all(0.0 <= v <= 1.0 for v in res["caption_match"].values())
-    assert res["caption_match_references"] > 0.5  # real held-out scenes do match their captions
+    lo, hi = res["rates"]["rerank_top1"]["ci95"]
+    assert 0.0 <= lo <= res["caption_match"]["rerank_top1"] <= hi <= 1.0
+    assert res["ceilings"]["real"]["rate"] > 0.5  # real held-out scenes do match their captions
     saved = json.loads((tmp_path / "eval" / "demo_eval.json").read_text())
-    assert [p["caption"] for p in saved["prompts"]] == heldout_caps[:2]
+    distinct = list(dict.fromkeys(heldout_caps))
+    assert [p["caption"] for p in saved["prompts"]] == distinct[1:3]  # after the dev caption
     assert len(saved["prompts"][0]["candidate_match"]) == 3
-    assert (tmp_path / "clip" / "config.json").is_file() and (tmp_path / "eval" / "grid.png").is_file()
+    assert (tmp_path / "clip" / "config.json").is_file() and (tmp_path / "clip_judge" / "config.json").is_file()
+    assert (tmp_path / "eval" / "grid.png").is_file()
     assert len(list((tmp_path / "eval" / "kept").glob("*.png"))) == 4
+
+
+def test_demo_eval_refuses_captions_seen_in_training(tmp_path, capsys):
+    from dalle_ds import evaluate_captions as demo_eval
+    from tests.eval_fixtures import train_tokenizer, write_image_shards
+
+    write_image_shards(tmp_path / "shards", 32, size=16)  # unsplit corpus, seed 0 ...
+    write_image_shards(tmp_path / "heldout_shards", 24, size=16)  # ... the same scenes as "held out"
+    tok = train_tokenizer(tmp_path / "shards", tmp_path / "tokenizer.json", 320)
+    prior_dir, dvae_dir = make_exports(tmp_path, grid=8)
+    with pytest.raises(SystemExit) as e:
+        demo_eval.main(["--run", str(tmp_path), "--checkpoint", str(prior_dir), "--dvae", str(dvae_dir),
+                        "--tokenizer", str(tok), "--dev-captions", "1", "--captions", "2", "--references", "2"])
+    assert e.value.code == demo_eval.EXIT_OVERLAP
+    assert "held-out overlap with training: 2/2 caption strings, 2/2 meanings" in capsys.readouterr().out
+    assert not (tmp_path / "clip").exists()  # refused before any CLIP training

@@ -211,6 +211,29 @@ def parse_caption(caption: str) -> ParsedCaption:
     return ParsedCaption(tuple(objects), relation, position, g["bg1"] or g["bg2"])
 
 
+def caption_kind(parsed: ParsedCaption) -> str:
+    """``single`` (one object), ``pair_relation`` (two, with a relation) or ``pair_and`` ("a X and a Y")."""
+    if len(parsed.objects) == 1:
+        return "single"
+    return "pair_relation" if parsed.relation else "pair_and"
+
+
+def caption_key(caption: "str | ParsedCaption") -> str:
+    """The canonical *meaning* of a caption: what it states, not how it is phrased.
+
+    Synonyms collapse ("little"/"small", "over"/"above", "on the left side"/"on the left") and so do
+    the templates' articles and word order ("a white background with a red circle" = "a red circle on
+    a white background"), e.g. ``2|red circle small|blue square -|rel=above|pos=-|bg=white``. The corpus
+    holds scenes out by this key (data_prep/make_shapes_corpus.py), so a held-out caption's meaning
+    never occurs in the training corpus under any phrasing. ValueError for a caption the grammar does not read.
+    """
+    parsed = parse_caption(caption) if isinstance(caption, str) else caption
+    objs = "|".join(f"{o.colour} {o.kind} {o.size or '-'}" for o in parsed.objects)
+    pos = ",".join(parsed.position) if parsed.position else "-"
+    return (f"{len(parsed.objects)}|{objs}|rel={parsed.relation or '-'}|pos={pos}"
+            f"|bg={parsed.background or '-'}")
+
+
 # ---------------------------------------------------------------- detector
 def as_rgb_array(image) -> np.ndarray:
     """(H, W, 3) float32 in 0..255 from a PIL image, an HWC/CHW array or tensor (uint8, or float in [0, 1])."""
@@ -396,13 +419,46 @@ def caption_match_rate(images: Sequence, captions: Sequence[str]) -> float:
     return attribute_rates(images, captions)["match"]
 
 
+ATTRIBUTES = ("count", "colour", "kind", "size", "position", "relation", "background")
+
+
+def attribute_counts(images: Sequence, captions: Sequence[str] | None = None,
+                     scores: Sequence[ShapesScore] | None = None) -> dict[str, tuple[int, int]]:
+    """Per attribute ``(k, n)``: n images whose caption states it, k of them right; plus ``match`` and
+    ``understood`` over all images. ``position`` counts single objects' grid cells, ``relation`` the
+    pairs' relations (both are the scorer's ``checks["position"]``). Pass ``scores`` (already compared)
+    instead of images and captions to count without scoring again."""
+    if scores is None:
+        if captions is None or len(images) != len(captions) or not len(captions):
+            raise ValueError(f"need as many images as captions (>= 1), got {len(images)} images, "
+                             f"{0 if captions is None else len(captions)} captions")
+        scores = [compare(im if isinstance(im, Scene) else detect(im), cap) for im, cap in zip(images, captions)]
+    out = {"match": (sum(s.match for s in scores), len(scores)),
+           "understood": (sum(s.error is None for s in scores), len(scores))}
+    checks = [attribute_checks(s) for s in scores]
+    for attr in ATTRIBUTES:
+        stated = [c[attr] for c in checks if attr in c]
+        if stated:
+            out[attr] = (sum(stated), len(stated))
+    return out
+
+
+def attribute_checks(s: ShapesScore) -> dict[str, bool]:
+    """One score's checks by ATTRIBUTES name: the scorer's ``position`` check is ``relation`` for a pair."""
+    out = dict(s.checks)
+    if "position" in out and s.parsed is not None and s.parsed.relation:
+        out["relation"] = out.pop("position")
+    return out
+
+
 def attribute_rates(images: Sequence, captions: Sequence[str]) -> dict[str, float]:
-    """``match`` rate, ``understood`` caption rate, and per attribute the rate among captions stating it."""
+    """``match`` rate, ``understood`` caption rate, and per attribute the rate among captions stating it
+    (``position``: single objects' cells and pairs' relations together, as the scorer's ``checks``)."""
     if len(images) != len(captions) or not len(captions):
         raise ValueError(f"need as many images as captions (>= 1), got {len(images)} images, {len(captions)} captions")
     scores = [compare(im if isinstance(im, Scene) else detect(im), cap) for im, cap in zip(images, captions)]
-    rates = {"match": sum(s.match for s in scores) / len(scores),
-             "understood": sum(s.error is None for s in scores) / len(scores)}
+    counts = attribute_counts([], scores=scores)
+    rates = {k: counts[k][0] / counts[k][1] for k in ("match", "understood")}
     for attr in ("count", "colour", "kind", "size", "position", "background"):
         stated = [s.checks[attr] for s in scores if attr in s.checks]
         if stated:
