@@ -217,6 +217,31 @@ def test_resume_continues_with_the_same_batches(image_dir, num_workers, infinite
         assert torch.equal(got["images"], want["images"])
 
 
+@pytest.mark.parametrize("num_workers", [2, 0])
+def test_token_loader_resume_is_bit_identical_with_bpe_dropout(tmp_path, num_workers):
+    """With the presets' BPE dropout (0.1) the text after a resume equals an uninterrupted run's:
+    the dropout is drawn from (seed, epoch, key), not from the tokenizers library."""
+    write_token_shards(tmp_path, [5, 4, 6])
+    tok = real_tokenizer(text_len=32)
+    kw = dict(batch_size=3, tokenizer=tok, grid=GRID, codebook_size=CODEBOOK, num_workers=num_workers, seed=3,
+              shuffle_buffer=4, infinite=True, bpe_dropout=0.1)
+    n, cut = 14, 6  # 42 samples of 15: across two epoch boundaries
+    full = [b for _, b in zip(range(n), TokenShardLoader(str(tmp_path), **kw))]
+    first = TokenShardLoader(str(tmp_path), **kw)
+    for _ in zip(range(cut), first):
+        pass
+    resumed = TokenShardLoader(str(tmp_path), **kw)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    rest = [b for _, b in zip(range(n - cut), resumed)]
+    for want, got in zip(full[cut:], rest):
+        assert got["keys"] == want["keys"] and torch.equal(got["text"], want["text"])
+    plain = tok.encode([c for b in full for c in b["captions"]])
+    assert not torch.equal(torch.cat([b["text"] for b in full]), plain)  # dropout is really on
+    epoch0 = {k: t for b in full[:5] for k, t in zip(b["keys"], b["text"])}
+    epoch1 = {k: t for b in full[5:10] for k, t in zip(b["keys"], b["text"])}
+    assert any(not torch.equal(epoch0[k], epoch1[k]) for k in epoch0.keys() & epoch1.keys())  # new draw per epoch
+
+
 def test_state_from_another_layout_is_refused_or_restarted(image_dir):
     d, _ = image_dir
     loader = ImageShardLoader(str(d), batch_size=4, mode="eval", size=16, num_workers=2, seed=1)

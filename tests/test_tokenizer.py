@@ -113,3 +113,20 @@ def test_strict_mode_refuses_a_too_small_corpus(tmp_path):
         train_text_tokenizer.main(["--shards", str(tmp_path / "s"), "--vocab-size", "2000",
                                    "--output", str(tmp_path / "t.json"), "--strict", "--no-progress"])
     assert not (tmp_path / "t.json").exists()
+
+
+def test_keyed_bpe_dropout_is_a_function_of_the_seed_and_matches_the_library_at_zero(trained):
+    tok = TextTokenizer.from_file(str(trained), text_len=48)
+    captions = ["a large orange hexagon right of a yellow triangle", "Café au lait ☕ over  the  purple star",
+                "x", "ünïcödé 123 !!"]
+    rng = __import__("random").Random(0)
+    assert [tok.encode_dropout(" ".join(c.lower().split()), 0.0, rng) for c in captions] == \
+        [row[row != tok.pad_id].tolist() for row in tok.encode(captions)]  # the library's own segmentation
+    a = tok.encode(captions, dropout=0.1, seeds=[1, 2, 3, 4])
+    assert torch.equal(a, tok.encode(captions, dropout=0.1, seeds=[1, 2, 3, 4]))  # same seeds, same ids
+    variants = {tuple(tok.encode(captions[:1], dropout=0.3, seeds=[s])[0].tolist()) for s in range(20)}
+    assert len(variants) > 1
+    for ids in variants:
+        assert tok.decode([list(ids)]) == [captions[0]]
+    with pytest.raises(ValueError, match="2 seeds for 4 captions"):
+        tok.encode(captions, dropout=0.1, seeds=[1, 2])

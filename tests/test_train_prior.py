@@ -72,7 +72,7 @@ def _launch(run_dir: Path, data: Path, max_steps: int, log_name: str, every: int
     args = [sys.executable, str(ROOT / "dalle_ds/train.py"), "--deepspeed_config",
             str(ROOT / "ds_configs/zero3_fp32_cpu.json"), "--config", "tiny",
             f"run.dir={run_dir}", f"data.token_shards={data}/shard-{{000000..000003}}.tar",
-            f"data.tokenizer={data}/tokenizer.json", "data.bpe_dropout=0.0", "data.num_workers=1",
+            f"data.tokenizer={data}/tokenizer.json", "data.bpe_dropout=0.1", "data.num_workers=1",
             "optim.micro_batch_size=4", "optim.warmup_steps=3", f"optim.max_steps={max_steps}",
             f"checkpoint.every_steps={every}", "checkpoint.keep_last=2", "logging.every_steps=5",
             "logging.progress_bar=false", f"logging.tensorboard={str(log_name == 'a').lower()}"]

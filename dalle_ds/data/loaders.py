@@ -45,8 +45,8 @@ batches do not count) and which worker the DataLoader's round-robin serves next.
 ``state_dict()`` returns that; after ``load_state_dict()`` the next ``iter()`` regenerates each
 slot's stream, skips the consumed samples without decoding them, and rotates the worker ids so
 the round-robin continues with the same slot. The batches that follow are the ones an
-uninterrupted iterator would have produced (images identical; token text identical unless BPE
-dropout is on, whose randomness lives in the tokenizers library). The state is per rank; a
+uninterrupted iterator would have produced (images and token text identical: BPE dropout draws
+from a hash of (seed, epoch, key) per sample, :func:`bpe_seeds`). The state is per rank; a
 checkpoint keeps one per rank. It is only valid for the same seed, shards, world size and
 worker count; ``load_state_dict(state, strict=False)`` accepts a changed layout and restarts at
 the beginning of the earliest saved epoch.
@@ -362,17 +362,38 @@ class TokenShardLoader(ShardLoader):
     ``tokenizer`` is anything with ``encode(captions, dropout=...) -> LongTensor (B, text_len)``
     (``dalle_ds.data.tokenizer.TextTokenizer``); text is tokenized in the workers with BPE dropout
     ``bpe_dropout``. Codes are checked: grid*grid of them, each < ``codebook_size``.
+
+    ``views`` (paper Listing 2, ``tokenize_images --views K``): each ``.codes`` holds K augmented views
+    of its image (view-major); epoch e uses view ``e % views``, so an image is seen under another crop
+    each epoch and a resumed loader (whose state holds the epoch) picks the same view. ``use_views``
+    < views uses only the first ones (1: view 0, the centre crop).
     """
 
     def __init__(self, shards: str | list[str], batch_size: int, *, tokenizer: Any, grid: int,
-                 codebook_size: int, bpe_dropout: float = 0.0, **kw):
+                 codebook_size: int, bpe_dropout: float = 0.0, views: int = 1, use_views: int = 0, **kw):
         self.tokenizer, self.grid, self.codebook_size, self.bpe_dropout = tokenizer, grid, codebook_size, bpe_dropout
+        if views < 1 or not 0 <= use_views <= views:
+            raise ValueError(f"views={views}, use_views={use_views}: need views >= 1 and 0 <= use_views <= views")
+        self.views, self.use_views = views, (use_views or views)
         super().__init__(shards, batch_size, **kw)
 
+    def select_view(self, sample: dict, epoch: int) -> dict:
+        """The sample with ``codes`` cut to view ``epoch % use_views`` of its ``views`` stored views."""
+        n, raw = 2 * self.grid * self.grid, sample.get("codes")
+        if raw is None:
+            return sample
+        if len(raw) != n * self.views:
+            raise ShardError(f"{sample['__url__']}: sample {sample['__key__']!r}: .codes has {len(raw)} bytes, "
+                             f"expected {n * self.views} ({self.views} views of grid {self.grid}x{self.grid} uint16)")
+        v = epoch % self.use_views
+        return {**sample, "codes": raw[v * n:(v + 1) * n]}
+
     def decode_batch(self, batch: list[tuple[dict, int]]) -> dict[str, Any]:
-        codes, captions, keys = [], [], []
+        codes, captions, keys, epochs = [], [], [], []
         n = self.grid * self.grid
-        for sample, _ in batch:
+        if self.views > 1:
+            batch = [(self.select_view(sample, epoch), epoch) for sample, epoch in batch]
+        for sample, epoch in batch:
             url, key = sample["__url__"], sample["__key__"]
             if "codes" not in sample:
                 raise ShardError(f"{url}: sample {key!r} has no .codes (has {_exts(sample)})")
@@ -386,8 +407,18 @@ class TokenShardLoader(ShardLoader):
             codes.append(torch.from_numpy(c.astype(np.int64)))
             captions.append(_caption(sample, url))
             keys.append(key)
-        text = self.tokenizer.encode(captions, dropout=self.bpe_dropout)  # (B, text_len)
+            epochs.append(epoch)
+        if self.bpe_dropout:  # keyed: a resumed loader tokenizes exactly as an uninterrupted one
+            text = self.tokenizer.encode(captions, dropout=self.bpe_dropout,
+                                         seeds=bpe_seeds(self.seed, epochs, keys))  # (B, text_len)
+        else:
+            text = self.tokenizer.encode(captions, dropout=0.0)  # (B, text_len)
         return {"text": text.long(), "codes": torch.stack(codes), "captions": captions, "keys": keys}
+
+
+def bpe_seeds(seed: int, epochs: list[int], keys: list[str]) -> list[int]:
+    """One BPE-dropout seed per sample, a function of (loader seed, epoch, sample key) only."""
+    return [_seed("bpe", seed, e, k) for e, k in zip(epochs, keys)]
 
 
 # ---------------------------------------------------------------- token manifests
