@@ -10,7 +10,8 @@ Kinds (picked per input):
   not hidden is a sample, its caption the same-stem ``.txt``; a ``.txt`` without a partner
   is a ``missing_image`` sample. ``.json`` sidecars are ignored.
 
-Within an input, files are in sorted order; inputs in the order given. The listing's
+A folder holding both tars and loose images is read as both: its tars, then its loose images
+(with their ``.txt`` captions). Within an input, files are in sorted order; inputs in the order given. The listing's
 (name, size) pairs make the input fingerprint.
 """
 
@@ -81,7 +82,15 @@ def discover(inputs: list[str]) -> list[Source]:
             if not files:
                 raise FileNotFoundError(f"{url}: no input files (not a .tar, a table, or a non-empty folder/prefix)")
             tars = [f for f in files if f[0].lower().endswith(".tar")]
-            sources.append(Source("tar", url, tars) if tars else Source("folder", url, files))
+            if not tars:
+                sources.append(Source("folder", url, files))
+                continue
+            sources.append(Source("tar", url, tars))
+            # loose images (and their .txt captions) beside the tars are read too, after them;
+            # img2dataset's side files (.parquet, _stats.json) are not samples
+            loose = [f for f in files if _split_ext(f[0])[1] in INPUT_IMAGE_EXTS + ("txt",)]
+            if loose:
+                sources.append(Source("folder", url, loose))
     return sources
 
 

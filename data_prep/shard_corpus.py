@@ -207,13 +207,30 @@ def _check_output(out: str, config: dict, fp: str, overwrite: bool) -> dict | No
         for shard in old.get("shards", []):
             storage.remove(storage.join(out, shard["name"]))
         storage.remove(manifest_url)
-    if progress.claim(mine) is not None:
+    resuming = storage.exists(progress.job_url) and storage.read_json(progress.job_url) == mine
+    if not resuming and storage.exists(progress.job_url):
         if not overwrite:
             raise SystemExit(f"{progress.job_url}: an unfinished job with other inputs or config is in this output; "
                              "use --overwrite or another --output")
         progress.clear()
-        progress.claim(mine)
+    ours = re.compile(rf"{re.escape(config['prefix'])}-[0-9]{{6}}\.tar")
+    # a resumed job's own shards are {prefix}-NNNNNN.tar; a new job owns no tar yet
+    foreign = [n for n in _tars(out) if not (resuming and ours.fullmatch(n))]
+    if foreign:
+        if not overwrite:
+            raise SystemExit(f"{out}: holds {len(foreign)} .tar file(s) this job did not write "
+                             f"({', '.join(foreign[:8])}{', ...' if len(foreign) > 8 else ''}); "
+                             "use --overwrite to remove them, or another --output")
+        for name in foreign:
+            storage.remove(storage.join(out, name))
+    progress.claim(mine)
     return None
+
+
+def _tars(out: str) -> list[str]:
+    if not storage.is_s3(out) and not os.path.isdir(out):
+        return []
+    return [n for n in storage.listdir(out) if n.endswith(".tar")]
 
 
 def _finalise(out: str, state: ResumeState, config: dict, fp: str, n_items: int) -> dict:

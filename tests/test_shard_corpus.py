@@ -365,3 +365,46 @@ def test_seen_hashes_sync_drops_unfinished_and_restores_missing_shards(tmp_path)
     other = SeenHashes(str(tmp_path / "db.sqlite"), "job-b")  # another job's file is emptied
     assert len(other) == 0
     other.close()
+
+
+def test_output_with_foreign_tars_is_refused_and_overwrite_removes_a_foreign_jobs_shards(tmp_path, monkeypatch):
+    make_corpus(tmp_path / "corpus", n_good=8)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "someone-else.tar").write_bytes(b"")
+    args = ["--input", str(tmp_path / "corpus"), "--output", str(out), "--workers", "1", *SMALL]
+    with pytest.raises(SystemExit, match=r"holds 1 \.tar file\(s\) this job did not write \(someone-else\.tar\)"):
+        shard_corpus.main([*args, "--samples-per-shard", "4"])
+    assert not (out / "_progress").exists()  # refused before claiming the output
+    # a foreign job, interrupted: its shards (prefix "a") and its _progress are in the output
+    (out / "someone-else.tar").unlink()
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 20)
+        with pytest.raises(KeyboardInterrupt):
+            shard_corpus.main([*args, "--samples-per-shard", "3", "--prefix", "a"])
+    assert list(out.glob("a-*.tar"))
+    with pytest.raises(SystemExit, match="an unfinished job with other inputs or config"):
+        shard_corpus.main([*args, "--samples-per-shard", "4"])
+    m4 = shard_corpus.main([*args, "--samples-per-shard", "4", "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "rejects.jsonl",
+                                                      *(s["name"] for s in m4["shards"])]
+
+
+def test_folder_with_tars_and_loose_images_reads_both(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for i in range(2):
+            for name, data in ((f"{i:09d}.jpg", _jpeg(_noise(70 + i, 64, 64))), (f"{i:09d}.txt", b"a tar sample")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (folder / "00000.parquet").write_bytes(b"PAR1")  # img2dataset side files are not samples
+    (folder / "00000_stats.json").write_text("{}")
+    for i in range(3):
+        (folder / f"loose{i}.jpg").write_bytes(_jpeg(_noise(80 + i, 64, 64)))
+        (folder / f"loose{i}.txt").write_text(f"a loose image {i}")
+    m = shard_corpus.main(["--input", str(folder), "--output", str(tmp_path / "out"), "--workers", "1", *SMALL])
+    assert m["samples"] == m["inputs"] == 5
+    assert sorted(f["txt"].decode() for f in read_shards(tmp_path / "out").values()) == [
+        "a loose image 0", "a loose image 1", "a loose image 2", "a tar sample", "a tar sample"]
