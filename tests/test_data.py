@@ -423,3 +423,31 @@ def test_shard_writer_and_progress(tmp_path):
     assert (m["samples"], m["inputs"], m["shards"], m["grid"]) == (2, 3, [{"name": "a.tar", "samples": 2}], 4)
     progress.clear()
     assert not (out / "_progress").exists() and progress.finished() == set()
+
+
+def test_image_loader_checks_the_manifest_like_token_loaders(tmp_path, monkeypatch):
+    """Image shards with a manifest: a tar the manifest does not list is refused, as is an unfinished
+    job (``_progress/job.json``, no manifest yet) and a token-shard manifest; plain folders are read."""
+    from data_prep import shard_corpus
+    from tests.test_shard_corpus import SMALL, make_corpus
+
+    make_corpus(tmp_path / "corpus", n_good=6)
+    out = tmp_path / "out"
+    shard_corpus.main(["--input", str(tmp_path / "corpus"), "--output", str(out), "--samples-per-shard", "4",
+                       "--workers", "1", *SMALL])
+    kw = dict(batch_size=2, mode="eval", size=16, infinite=False, shuffle=False)
+    assert len(_keys(ImageShardLoader(str(out), **kw))) == 12
+    (out / "shard-000099.tar").write_bytes((out / "shard-000000.tar").read_bytes())
+    with pytest.raises(ValueError, match=r"shards not listed in the manifest .*shard-000099\.tar"):
+        ImageShardLoader(str(out), **kw)
+    (out / "shard-000099.tar").unlink()
+    (out / "manifest.json").rename(tmp_path / "m.json")
+    (out / "_progress").mkdir()
+    (out / "_progress" / "job.json").write_text("{}")
+    with pytest.raises(ValueError, match="an unfinished shard job"):
+        ImageShardLoader(str(out), **kw)
+    (out / "_progress" / "job.json").unlink()
+    assert len(_keys(ImageShardLoader(str(out), **kw))) == 12  # a plain webdataset folder
+    (out / "manifest.json").write_text(json.dumps({"format": "dalle-ds/token-shards/1", "shards": []}))
+    with pytest.raises(ValueError, match="these are token shards"):
+        ImageShardLoader(str(out), **kw)

@@ -330,6 +330,7 @@ class ImageShardLoader(ShardLoader):
     def __init__(self, shards: str | list[str], batch_size: int, *, mode: str = "dvae", size: int = 256, **kw):
         self.augment = Augment(mode, size)
         super().__init__(shards, batch_size, **kw)
+        check_image_manifest(self.urls)
 
     def decode_batch(self, batch: list[tuple[dict, int]]) -> dict[str, Any]:
         images, captions, keys = [], [], []
@@ -459,6 +460,33 @@ def check_token_manifest(shards_spec: str | list[str], expected_grid: int, expec
     return manifests
 
 
+def check_image_manifest(urls: list[str]) -> list[dict[str, Any]]:
+    """Image shards from data_prep/shard_corpus.py (or any producer writing ``manifest.json``):
+    where a folder has a manifest, every shard read from it must be listed there (an unfinished
+    job's or a foreign job's tars are refused) and it must not describe token shards; a folder
+    without a manifest but with ``_progress/job.json`` is an unfinished job and is refused. Plain
+    webdataset folders (no manifest, no job) are read as they are. Returns the manifests found."""
+    manifests = []
+    for folder in sorted({_folder(u) for u in urls}):
+        path = storage.join(folder, MANIFEST)
+        if not storage.exists(path):
+            job = storage.join(storage.join(folder, "_progress"), "job.json")
+            if storage.exists(job):
+                raise ValueError(f"{folder}: an unfinished shard job ({job}, no {MANIFEST} yet); "
+                                 "finish it (re-run the same command) before reading its shards")
+            continue
+        m = storage.read_json(path)
+        if str(m.get("format", "")).startswith("dalle-ds/token-shards"):
+            raise ValueError(f"{path}: these are token shards ({m['format']}), not image shards")
+        listed = _manifest_shard_names(m)
+        if listed is not None:
+            missing = [u for u in urls if _folder(u) == folder and u.rsplit("/", 1)[-1] not in listed]
+            if missing:
+                raise ValueError(f"{path}: shards not listed in the manifest (unfinished or foreign): {missing[:5]}")
+        manifests.append(m)
+    return manifests
+
+
 def _manifest_shard_names(m: dict[str, Any]) -> set[str] | None:
     shards = m.get("shards")
     if isinstance(shards, dict):
@@ -473,4 +501,5 @@ def _manifest_shard_names(m: dict[str, Any]) -> set[str] | None:
 
 
 __all__ = ["ImageShardLoader", "TokenShardLoader", "ShardLoader", "ShardError", "check_token_manifest",
+           "check_image_manifest", "bpe_seeds",
            "holdout_split", "slot_plan", "epoch_order", "iter_shard"]
