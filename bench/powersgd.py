@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu PYTHONPATH=. .venv/bin/python bench/powersgd.py [--steps 4]
 
 1. Analytic (dalle_ds.plan, the same shard views as dalle_ds.parallel.powersgd): cross-node payload per GPU
-   and step, exact vs PowerSGD, for the tiny preset and a ~100M model (paper preset with 12 layers,
+   and step, exact fp32, exact fp16 and PowerSGD (a block is compressed only when P+Q beat fp16 exact),
+   for the tiny preset and a ~100M model (paper preset with 12 layers,
    d 768) at several ranks, for node sizes 2 and 8; and Table 1 (1 - 5r/(8d)).
 2. Measured: the tiny prior on 4 gloo ranks as 2 fake nodes x 2 (dalle_ds.parallel.engine + hierarchical_zero):
    median step time for flat ZeRO-3, hierarchical exact, PowerSGD at two ranks, and the cross-node
@@ -67,6 +68,7 @@ def _measure(modes, steps):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--analytic-only", action="store_true", help="skip the 4-rank measurement")
     args = ap.parse_args()
     with Recorder("powersgd") as rec:
         for _, d, r, paper in plan.PAPER_TABLE1:
@@ -80,11 +82,17 @@ def main() -> None:
                     c = plan.communication(m, node_size, 2, r, min_numel=1024)
                     rec.add("cross_node_bytes_per_step", c["cross_node_powersgd_bytes"], unit="B", preset=name,
                             params=n, node_size=node_size, rank=r, exact_bytes=c["cross_node_exact_bytes"],
-                            compression_rate=round(c["compression_rate"], 4))
+                            exact_fp16_bytes=c["cross_node_exact_fp16_bytes"],
+                            compression_rate=round(c["compression_rate"], 4),
+                            compression_rate_vs_fp16=round(c["compression_rate_vs_fp16"], 4))
         m = load_config("paper").model
         c = plan.communication(m, 8, 128, 896)
         rec.add("paper_12B_cross_node_bytes_per_step", c["cross_node_powersgd_bytes"], unit="B", rank=896,
-                node_size=8, exact_bytes=c["cross_node_exact_bytes"], compression_rate=round(c["compression_rate"], 4))
+                node_size=8, exact_bytes=c["cross_node_exact_bytes"], exact_fp16_bytes=c["cross_node_exact_fp16_bytes"],
+                compression_rate=round(c["compression_rate"], 4),
+                compression_rate_vs_fp16=round(c["compression_rate_vs_fp16"], 4))
+        if args.analytic_only:
+            return
 
         modes = [("flat", 0), ("exact", 0), ("powersgd", 8), ("powersgd", 32)]
         results = run_ranks(_measure, 4, args=(modes, args.steps), node_size=2, timeout_s=900)
@@ -93,7 +101,8 @@ def main() -> None:
             stats = results[0][key]["stats"] or {}
             rec.add("tiny_step_time", step_s, unit="s", mode=key, ranks="2 nodes x 2 (gloo, 2 shared cores)",
                     cross_node_bytes_per_step=[r[key]["stats"]["cross_node_bytes_per_step"] for r in results]
-                    if stats else None, compression_rate=round(stats.get("compression_rate", 0.0), 4))
+                    if stats else None, compression_rate=round(stats.get("compression_rate", 0.0), 4),
+                    compression_rate_vs_fp16=round(stats.get("compression_rate_vs_fp16", 0.0), 4))
 
 
 if __name__ == "__main__":

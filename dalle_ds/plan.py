@@ -91,8 +91,10 @@ def shard_comm(x: Matrix, g: int, rank: int, comm_bytes: int = 2, min_numel: int
         off = part * local
         valid = max(0, min(part, numel - off))
         split = split_rows(off, valid, x.cols) if valid else None
-        if x.exact or not split or not worth_compressing(split, rank, comm_bytes, min_numel):
+        if x.exact or not split or split.rows < 1 or split.numel < min_numel:
             psgd += valid * FP32_BYTES
+        elif not worth_compressing(split, rank, comm_bytes, min_numel):  # exact in 16 bit (powersgd)
+            psgd += split.numel * comm_bytes + (valid - split.numel) * FP32_BYTES
         else:
             psgd += compressed_bytes(split.rows, split.width, rank, comm_bytes) + (valid - split.numel) * FP32_BYTES
     return psgd / g * x.count, numel / g * FP32_BYTES * x.count
@@ -109,7 +111,8 @@ def communication(m: ModelConfig, g: int, nodes: int, rank: int, micro_steps: in
     return {"intra_node_bytes": intra, "cross_node_exact_bytes": exact, "cross_node_powersgd_bytes": psgd,
             "cross_node_exact_wire_bytes": wire_bytes(exact, nodes),
             "cross_node_powersgd_wire_bytes": wire_bytes(psgd, nodes),
-            "compression_rate": 1.0 - psgd / exact}
+            "cross_node_exact_fp16_bytes": exact / 2, "cross_node_exact_fp16_wire_bytes": wire_bytes(exact / 2, nodes),
+            "compression_rate": 1.0 - psgd / exact, "compression_rate_vs_fp16": 1.0 - psgd / (exact / 2)}
 
 
 def memory(m: ModelConfig, g: int, micro_batch: int, layout: str, rank: int | None) -> dict[str, float]:
@@ -150,8 +153,9 @@ def parse_size(text: str) -> float:
 
 
 def report(cfg_path: str, nodes: int, gpus_per_node: int, gpu_memory: float, rank: int, node_size: int,
-           micro_batch: int, grad_accum: int, layout: str, reserve: float) -> list[str]:
-    m = load_config(cfg_path).model
+           micro_batch: int, grad_accum: int, layout: str, reserve: float,
+           model: ModelConfig | None = None) -> list[str]:
+    m = model or load_config(cfg_path).model
     n = param_count(m)
     out = [f"model {cfg_path}: {m.n_layers} layers, d {m.d_model}: {n:,} parameters "
            f"({n / 1e9:.2f}B); fp16 parameters {2 * n / GB:.1f} GB ({2 * n / GiB:.1f} GiB)",
@@ -176,8 +180,11 @@ def report(cfg_path: str, nodes: int, gpus_per_node: int, gpu_memory: float, ran
             f"  intra-node ZeRO-3 gathers + reduce-scatter: {c['intra_node_bytes'] / GB:8.2f} GB",
             f"  cross-node exact fp32 all-reduce:           {c['cross_node_exact_bytes'] / GB:8.3f} GB "
             f"[{c['cross_node_exact_wire_bytes'] / GB:.3f}]",
+            f"  cross-node exact fp16 all-reduce:           {c['cross_node_exact_fp16_bytes'] / GB:8.3f} GB "
+            f"[{c['cross_node_exact_fp16_wire_bytes'] / GB:.3f}]",
             f"  cross-node PowerSGD:                        {c['cross_node_powersgd_bytes'] / GB:8.3f} GB "
             f"[{c['cross_node_powersgd_wire_bytes'] / GB:.3f}]  compression {100 * c['compression_rate']:.1f}% "
+            f"vs fp32, {100 * c['compression_rate_vs_fp16']:.1f}% vs fp16 "
             f"(per-GPU shards of 1/{node_size} of each matrix)",
             "paper Table 1 recomputed, one d x 4d matrix, 16-bit P,Q vs fp32 gradient, 1 - 5r/(8d):"]
     out += [f"  {name:>4} d={d} rank {r}: {100 * table1_compression(d, r):.1f}% (paper ~{100 * p:.0f}%)"
@@ -185,9 +192,26 @@ def report(cfg_path: str, nodes: int, gpus_per_node: int, gpu_memory: float, ran
     return out
 
 
+def run_plan(cfg, world_size: int, node_size: int, layout: str = "deepspeed") -> list[str]:
+    """The memory plan of one resolved config on ``world_size`` ranks in ZeRO-3 groups of ``node_size``
+    (the trainers' ``--dry-run``): bytes per rank by component, and the total."""
+    m, o = cfg.model, cfg.optim
+    rank = cfg.powersgd.rank if cfg.powersgd.enabled else None
+    parts = memory(m, node_size, o.micro_batch_size, layout, rank)
+    n = param_count(m)
+    out = [f"plan: {n:,} parameters ({n / 1e9:.3f}B); {world_size} ranks, ZeRO-3 over {node_size}; "
+           f"global batch {o.micro_batch_size} x {o.grad_accum_steps} x {world_size} = "
+           f"{o.micro_batch_size * o.grad_accum_steps * world_size}; per-rank memory ({layout} layout):"]
+    out += [f"  {k:<38} {v / GiB:8.3f} GiB" for k, v in parts.items()]
+    out.append(f"  {'total':<38} {sum(parts.values()) / GiB:8.3f} GiB")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dalle_ds.plan", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True, help="preset name or YAML path")
+    from dalle_ds.cli_args import Parser
+
+    ap = Parser(prog="python -m dalle_ds.plan", description=__doc__.split("\n\n")[0], config=True,
+                default_preset=None)
     ap.add_argument("--nodes", type=int, required=True)
     ap.add_argument("--gpus-per-node", type=int, required=True)
     ap.add_argument("--gpu-memory", default="16GB", help="e.g. 16GB (V100), 80GB (A100/H100)")
@@ -198,7 +222,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="optimizer-state layout (see the module docstring)")
     ap.add_argument("--reserve", default="0.5GiB", help="runtime reserve per GPU (CUDA context, fragmentation)")
     args = ap.parse_args(argv)
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        from dalle_ds.cli_args import print_config
+
+        print_config(cfg)
+        return 0
     node_size = args.node_size or args.gpus_per_node
     for name, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node), ("--node-size", node_size)):
         if value < 1:
@@ -209,10 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     lines = report(args.config, args.nodes, args.gpus_per_node, parse_size(args.gpu_memory),
                    args.powersgd_rank or cfg.powersgd.rank, node_size,
                    args.micro_batch or cfg.optim.micro_batch_size, cfg.optim.grad_accum_steps, args.layout,
-                   parse_size(args.reserve))
+                   parse_size(args.reserve), model=cfg.model)
     print("\n".join(lines))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dalle_ds.cli_args import run
+
+    sys.exit(run(main))

@@ -97,8 +97,8 @@ def full_params(engine):
 
 
 def expected_cross_bytes(model, node_size, local, rank, min_numel, exact_fn):
-    """(payload bytes one rank all-reduces across nodes per step, compressed blocks), from the
-    parameter shapes alone (without the step's flag and the blocks' fp32 scale scalars)."""
+    """(payload bytes one rank all-reduces across nodes per step, 16-bit factors), from the parameter
+    shapes alone (without the step's flag and the factors' fp32 scale scalars)."""
     total = blocks = 0
     for name, p in model.named_parameters():
         shape = tuple(p.ds_shape)
@@ -115,11 +115,14 @@ def expected_cross_bytes(model, node_size, local, rank, min_numel, exact_fn):
         head = min((-off) % cols, valid)
         rows = (valid - head) // cols
         r = min(rank, rows, cols)
-        if rows * cols >= min_numel and r * (rows + cols) * 2 < rows * cols * 2:  # pays vs fp16 exact
-            total += 2 * r * (rows + cols) + 4 * (valid - rows * cols)  # fp16 P, Q + fp32 head/tail
-            blocks += 1
-        else:
+        if rows < 1 or rows * cols < min_numel:
             total += 4 * valid
+        elif r * (rows + cols) * 2 < rows * cols * 2:  # pays vs fp16 exact
+            total += 2 * r * (rows + cols) + 4 * (valid - rows * cols)  # fp16 P, Q + fp32 head/tail
+            blocks += 2  # one fp32 max-abs scalar for P, one for Q'
+        else:  # exact in 16 bit (+ fp32 head/tail)
+            total += 2 * rows * cols + 4 * (valid - rows * cols)
+            blocks += 1
     return total, blocks
 
 
@@ -187,9 +190,9 @@ def test_two_fake_nodes_exact_and_powersgd(tmp_path):
                                    rtol=1e-6, atol=1e-7)
         assert o["stats"]["steps"] == 4 and o["stats"]["compression_rate"] == 0.0
         # PowerSGD: measured cross-node payload = formula from the shapes + one fp32 flag per step
-        # + one fp32 max-abs scalar per compressed block for P and one for Q'
+        # + one fp32 max-abs scalar per 16-bit factor (P and Q' of a compressed block, or a 16-bit exact block)
         assert o["factor_calls"] >= 4, o["factor_calls"]  # several buckets exercised (P and Q' each)
-        assert o["measured_bytes"] == o["expected_bytes"] + 4 + 8 * o["blocks"], (r, o["measured_bytes"])
+        assert o["measured_bytes"] == o["expected_bytes"] + 4 + 4 * o["blocks"], (r, o["measured_bytes"])
         assert o["psgd_stats"]["cross_node_bytes_per_step"] == o["measured_bytes"]
         assert 0.3 < o["psgd_stats"]["compression_rate"] < 1.0, o["psgd_stats"]
         assert o["final_stats"]["steps"] == 6 and o["final_stats"]["skipped_nonfinite"] == 0

@@ -253,3 +253,30 @@ def test_fp16_average_of_tiny_gradients_over_128_identical_nodes(monkeypatch):
     rel = float((outs["float16"] - outs["float32"]).norm() / outs["float32"].norm())
     assert rel < 0.01, rel
     assert not ((outs["float32"] != 0) & (outs["float16"] == 0)).any()
+
+
+def test_one_node_means_no_compression_and_one_warning(capsys):
+    from dalle_ds.parallel.powersgd import build_averager
+
+    avg = build_averager(_cfg(), None, num_nodes=1)
+    assert isinstance(avg, ExactAverager)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "powersgd" in ln]
+    assert len(lines) == 1 and "WARNING" in lines[0] and "1 node" in lines[0], lines
+    g = torch.randn(64 * 64)
+    flat = g.clone()
+    avg.average_([Shard("w", flat, 0, 64)])
+    assert torch.equal(flat, g)  # nothing lost
+    assert isinstance(build_averager(_cfg(), None, num_nodes=2), PowerSGD)
+
+
+def test_stats_report_fp32_and_fp16_exact_baselines():
+    psgd = PowerSGD(_cfg(rank=4, comm_dtype="float16"), None, 1)
+    psgd.average_([Shard("w", torch.randn(64 * 64), 0, 64)])
+    psgd.end_step()
+    st = psgd.stats()
+    sent = 4 * (64 + 64) * 2 + 2 * 4 + 4  # P, Q fp16 + two scale scalars + the flag
+    assert st["cross_node_bytes_per_step"] == sent
+    assert st["cross_node_bytes_uncompressed_per_step"] == 64 * 64 * 4
+    assert st["cross_node_bytes_fp16_exact_per_step"] == 64 * 64 * 2
+    assert st["compression_rate_vs_fp32"] == pytest.approx(1 - sent / (64 * 64 * 4))
+    assert st["compression_rate_vs_fp16"] == pytest.approx(1 - sent / (64 * 64 * 2))

@@ -30,9 +30,11 @@ maximum (:func:`comm_scale_log2`); the division by 2^s and by k happens after th
 (:func:`encode_factor`, :func:`decode_factor`). Power-of-two scaling is exact, so the result does not
 depend on the gradient's magnitude: on a 496x3968 shard over 128 simulated nodes magnitudes 1e-8 ..
 1e2 decompress within 0.2% of fp32 PowerSGD (tests/test_powersgd.py).
-Shards that are exact (embeddings, unembeddings, gains, biases), smaller than
-``min_compression_numel``, or for which P and Q would not cost fewer bytes than an fp16 exact
-all-reduce of the block (:func:`worth_compressing`) are averaged exactly in fp32.
+Shards that are exact (embeddings, unembeddings, gains, biases) or smaller than
+``min_compression_numel`` are averaged exactly in fp32. A matrix block for which P and Q would not
+cost fewer bytes than an fp16 exact all-reduce of it (:func:`worth_compressing`; e.g. the 12B
+model's 496-row shards at rank 896, where r = 496 is full rank) is averaged exactly through the
+same scaled 16-bit path as P and Q (no QR, no error feedback).
 
 Accounting (``stats()``): bytes of payload this rank all-reduces across nodes per optimizer step,
 compressed (P, Q, exact pieces, one flag, the per-factor scale scalars) and uncompressed (every shard in fp32), and
@@ -172,13 +174,17 @@ class _StepStats:
     def as_dict(self, num_nodes: int) -> dict[str, Any]:
         last = self.last
         rate = 1.0 - last["compressed"] / last["uncompressed"] if last["uncompressed"] else 0.0
+        fp16 = last["uncompressed"] // FP32_BYTES * FP16_BYTES  # every shard as one fp16 exact all-reduce
         return {
             "steps": self.steps,
             "num_nodes": num_nodes,
             "cross_node_bytes_per_step": last["compressed"],
             "cross_node_bytes_uncompressed_per_step": last["uncompressed"],
             "cross_node_wire_bytes_per_step": wire_bytes(last["compressed"], num_nodes),
-            "compression_rate": rate,
+            "cross_node_bytes_fp16_exact_per_step": fp16,
+            "compression_rate": rate,  # against the fp32 exact all-reduce
+            "compression_rate_vs_fp32": rate,
+            "compression_rate_vs_fp16": 1.0 - last["compressed"] / fp16 if fp16 else 0.0,
             "compressed_numel_per_step": last["compressed_numel"],
             "exact_numel_per_step": last["exact_numel"],
             "cross_node_bytes_total": self.total["compressed"],
@@ -323,7 +329,7 @@ class PowerSGD:
         k = self.num_nodes
         plans = [self._split_bucket(shards) for shards in buckets]
         bad = 0.0
-        for shards, (_, blocks) in zip(buckets, plans):
+        for shards, (_, blocks, _) in zip(buckets, plans):
             for key, m in blocks:  # M = G + E in place in the grad buffer (dropped if the step skips)
                 m.add_(self._error(key, m))
             bad += float(not all(bool(torch.isfinite(s.flat).all()) for s in shards))
@@ -337,25 +343,33 @@ class PowerSGD:
             self._stats.skipped += 1
             self._stats.current = {key: 0 for key in self._stats.current}  # nothing was averaged
             return False
-        for shards, (exact, blocks) in zip(buckets, plans):
-            self._average_bucket(shards, exact, blocks)
+        for shards, (exact, blocks, dense) in zip(buckets, plans):
+            self._average_bucket(shards, exact, blocks, dense)
         return True
 
-    def _split_bucket(self, shards: list[Shard]) -> tuple[list[torch.Tensor], list[tuple[str, torch.Tensor]]]:
-        """(exact pieces, [(key, (rows, C) view into the grad buffer)]) of one bucket."""
+    def _split_bucket(self, shards: list[Shard]) -> tuple[list[torch.Tensor], list[tuple[str, torch.Tensor]],
+                                                          list[torch.Tensor]]:
+        """(fp32 exact pieces, [(key, (rows, C) view to compress)], [(rows, C) views sent exactly in 16 bit])
+        of one bucket: matrix blocks where rank r would not beat an fp16 exact all-reduce take the
+        scaled 16-bit exact path; the fp32 set, head/tail pieces and small shards stay fp32."""
         exact: list[torch.Tensor] = []
         blocks: list[tuple[str, torch.Tensor]] = []
+        dense: list[torch.Tensor] = []
         for s in shards:
-            split = self.plan(s)
-            if split is None:
+            split = split_rows(s.offset, s.flat.numel(), s.row_width)
+            if s.exact or split.rows < 1 or split.numel < self.cfg.min_compression_numel:
                 exact.append(s.flat)
                 continue
             exact += [s.flat[:split.head], s.flat[split.head + split.numel:]]
-            blocks.append((s.key, s.flat[split.head:split.head + split.numel].view(split.rows, split.width)))
-        return [t for t in exact if t.numel()], blocks
+            view = s.flat[split.head:split.head + split.numel].view(split.rows, split.width)
+            if self.plan(s) is None:
+                dense.append(view)
+            else:
+                blocks.append((s.key, view))
+        return [t for t in exact if t.numel()], blocks, dense
 
     def _average_bucket(self, shards: list[Shard], exact: list[torch.Tensor],
-                        blocks: list[tuple[str, torch.Tensor]]) -> None:
+                        blocks: list[tuple[str, torch.Tensor]], dense: list[torch.Tensor]) -> None:
         k, eps = self.num_nodes, self.cfg.orthogonalization_eps
         total = sum(s.flat.numel() for s in shards)
         sent = 0
@@ -364,6 +378,9 @@ class PowerSGD:
             _all_reduce(ex, self.group, k)
             _scatter_back(ex, exact)
             sent += ex.numel() * FP32_BYTES
+        for m, mean in zip(dense, self._allreduce_factors([m.float() for m in dense])):  # exact, 16 bit
+            m.copy_(mean)
+            sent += m.numel() * self.comm_bytes
         # P = mean_nodes(M Q), all-reduced in 16 bit, then orthogonalised in fp32.
         qs = [self._q(key, m.shape[1], effective_rank(self.cfg.rank, *m.shape), m.device) for key, m in blocks]
         ps = self._allreduce_factors([m.float() @ q for (_, m), q in zip(blocks, qs)])  # [(rows, r)]
@@ -382,7 +399,7 @@ class PowerSGD:
             sent += (p.numel() + q.numel()) * self.comm_bytes
         self._stats.add(compressed=sent, uncompressed=total * FP32_BYTES,
                         compressed_numel=sum(m.numel() for _, m in blocks),
-                        exact_numel=sum(t.numel() for t in exact))
+                        exact_numel=sum(t.numel() for t in exact) + sum(m.numel() for m in dense))
 
     def _allreduce_factors(self, factors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Average fp32 factors over nodes through one all-reduce in the 16-bit comm dtype.
@@ -411,4 +428,11 @@ class PowerSGD:
 
 def build_averager(cfg: PowerSGDConfig, group: dist.ProcessGroup | None, num_nodes: int,
                    seed: int = 0) -> ExactAverager | PowerSGD:
+    """PowerSGD when ``cfg.enabled`` and there is more than one node; with one node nothing crosses
+    nodes, so compressing would only lose information: exact (a no-op) with one warning line."""
+    if cfg.enabled and num_nodes == 1:
+        from dalle_ds.parallel.dist import print0
+
+        print0("powersgd: WARNING powersgd.enabled with 1 node: no gradient crosses nodes, compression off")
+        return ExactAverager(group, num_nodes)
     return PowerSGD(cfg, group, num_nodes, seed) if cfg.enabled else ExactAverager(group, num_nodes)
