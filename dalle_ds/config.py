@@ -72,7 +72,9 @@ class DataConfig:
     bpe_dropout: float = 0.1  # paper: 0.1 during prior training
     num_workers: int = 2  # DataLoader workers per rank
     shuffle_buffer: int = 1000
-    validation_fraction: float = 0.0  # shards held out (by name hash) for evaluation
+    validation_fraction: float = 0.0  # token shards held out (by name hash) for the prior's validation loss
+    validation_shards: str = ""  # or: separate token shards for it (then validation_fraction must be 0)
+    token_views: int = 0  # augmented views per image to use from the token shards: 0 = all the manifest has
 
     def validate(self, p: str = "data") -> None:
         _require(self.image_size >= 8, f"{p}.image_size", self.image_size, "must be >= 8")
@@ -81,6 +83,9 @@ class DataConfig:
         _require(self.shuffle_buffer >= 0, f"{p}.shuffle_buffer", self.shuffle_buffer, "must be >= 0")
         _require(0.0 <= self.validation_fraction < 1.0, f"{p}.validation_fraction",
                  self.validation_fraction, "must be in [0, 1)")
+        _require(not (self.validation_shards and self.validation_fraction), f"{p}.validation_shards",
+                 self.validation_shards, "set either data.validation_shards or data.validation_fraction, not both")
+        _require(self.token_views >= 0, f"{p}.token_views", self.token_views, "must be >= 0 (0: all views)")
 
 
 @dataclass
@@ -214,6 +219,8 @@ class OptimConfig:
     plateau_threshold: float = 1e-3  # relative improvement that counts
     max_halvings: int = 5
     plateau_ema: float = 0.98  # smoothing of the training loss the plateau test looks at
+    schedule: Literal["plateau", "cosine"] = "plateau"  # after warm-up: halve on plateau (paper) or cosine decay
+    min_lr_ratio: float = 0.1  # cosine: the lr at max_steps, as a fraction of lr
 
     def validate(self, p: str = "optim") -> None:
         for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "plateau_patience"):
@@ -224,6 +231,7 @@ class OptimConfig:
         _require(self.grad_clip >= 0, f"{p}.grad_clip", self.grad_clip, "must be >= 0 (0 disables)")
         _require(self.max_halvings >= 0, f"{p}.max_halvings", self.max_halvings, "must be >= 0")
         _require(0 <= self.plateau_ema < 1, f"{p}.plateau_ema", self.plateau_ema, "must be in [0, 1)")
+        _require(0 <= self.min_lr_ratio <= 1, f"{p}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas", self.betas,
                  "must be two values in [0, 1)")
 
@@ -293,11 +301,21 @@ class LoggingConfig:
     every_steps: int = 10
     tensorboard: bool = True
     image_every_steps: int = 1000  # sample / reconstruction grids
+    validate_every_steps: int = 0  # prior: validation loss on held-out token shards every K updates (0: off)
+    validation_batches: int = 4  # ... micro-batches per rank per validation (the same ones every time)
+    sample_captions: list[str] = field(default_factory=list)  # prior: captions of the training-time sample grid
+    sample_count: int = 8  # ... when empty: the first distinct captions of the validation shards
+    samples_per_caption: int = 4
+    sample_temperature: float = 1.0
     progress_bar: bool = True
 
     def validate(self, p: str = "logging") -> None:
         _require(self.every_steps >= 1, f"{p}.every_steps", self.every_steps, "must be >= 1")
         _require(self.image_every_steps >= 1, f"{p}.image_every_steps", self.image_every_steps, "must be >= 1")
+        for name in ("validate_every_steps", "validation_batches", "sample_count", "samples_per_caption"):
+            _require(getattr(self, name) >= (0 if name == "validate_every_steps" else 1), f"{p}.{name}",
+                     getattr(self, name), "must be >= 0" if name == "validate_every_steps" else "must be >= 1")
+        _require(self.sample_temperature >= 0, f"{p}.sample_temperature", self.sample_temperature, "must be >= 0")
 
 
 @dataclass

@@ -41,7 +41,8 @@ from dalle_ds.parallel.engine import Engine, OptimSpec, build_engine, load_ds_co
 from dalle_ds.training.flops import Throughput
 from dalle_ds.training.logger import MetricsLogger
 from dalle_ds.training.loop import EXIT_COMPLETED, TrainLoop
-from dalle_ds.training.schedules import WarmupPlateauLR
+from dalle_ds.training.prior_hooks import PriorHooks, split_token_shards, token_views
+from dalle_ds.training.schedules import WarmupPlateauLR, prior_lr_schedule
 
 # In-training extension point, called every logging.image_every_steps as fn(step, engine) on every
 # rank (ZeRO-3 parameters are partitioned: gather them, e.g. with deepspeed.zero.GatheredParameters).
@@ -88,7 +89,7 @@ def train(cfg: Config, ds_config_path: str, sample_hooks: list[SampleHook] | Non
                f"cross-node average: {cross}")
     mode, ds_config = precision.resolve_ds_config(load_ds_config(ds_config_path), cfg.precision)
     engine = build_prior_engine(cfg, ds_config, mode, hierarchy.engine_kwargs() if hierarchy else {})
-    sched = WarmupPlateauLR.from_optim(cfg.optim)
+    sched = prior_lr_schedule(cfg.optim)  # optim.schedule: plateau (paper) or cosine
     ckpt = Checkpointer.from_config(engine, cfg.run.dir, cfg.checkpoint)
     ckpt.register_stateful("schedule", sched)
     ckpt.register_stateful("data", loader)
@@ -102,6 +103,8 @@ def train(cfg: Config, ds_config_path: str, sample_hooks: list[SampleHook] | Non
     # -- loop
     log = MetricsLogger.from_config(cfg.run.dir, cfg.logging, echo_keys=ECHO_KEYS)
     loop = TrainLoop(cfg.optim.max_steps, log, ckpt=ckpt, run_dir=cfg.run.dir, desc="train")
+    # validation loss on held-out token shards, training-time sample grids (dalle_ds/training/prior_hooks.py)
+    hooks = PriorHooks.from_config(cfg, split_token_shards(cfg)[1], loader.tokenizer, info.is_main, sample_hooks)
     loop.resume(cfg.checkpoint.resume)
     meter = Throughput.for_prior(cfg.model, tokens_per_step, mode, info.world_size, info.local_world_size)
     batches = iter(loader)
@@ -114,12 +117,11 @@ def train(cfg: Config, ds_config_path: str, sample_hooks: list[SampleHook] | Non
             values.update(meter.rates(*loop.timer.window()), memory_mb=memory_per_rank(info))
             if hierarchy:
                 values.update(powersgd_stats(hierarchy))
+        values.update(hooks.validate(step, engine, log))  # collective: forwards on held-out tokens
         log.log(step, values, echo=log_step)
         if not math.isfinite(values["loss"]):
             print0(f"train: loss is {values['loss']} at step {step}")
-        if step % cfg.logging.image_every_steps == 0:
-            for hook in sample_hooks or []:
-                hook(step, engine)
+        hooks.samples(step, engine, log)  # collective under ZeRO-3: the parameter gather
     if loop.exit_code == EXIT_COMPLETED:
         print0(f"train: done at step {loop.step}; export with "
                f"`python -m dalle_ds.export {cfg.run.dir} {cfg.run.dir}/export`")
@@ -143,7 +145,12 @@ def build_loader(cfg: Config):
     check_token_manifest(cfg.data.token_shards, m.image_grid, m.image_vocab_size,
                          expected_dvae_hash=dvae_hash(cfg.data.dvae) if cfg.data.dvae else None)
     tokenizer = TextTokenizer.from_file(cfg.data.tokenizer, m.text_len, m.text_vocab_size)
-    return TokenShardLoader(cfg.data.token_shards, cfg.optim.micro_batch_size, tokenizer=tokenizer,
+    train_spec, validation_spec = split_token_shards(cfg)  # data.validation_shards / validation_fraction
+    if validation_spec is not None:
+        check_token_manifest(validation_spec, m.image_grid, m.image_vocab_size,
+                             expected_dvae_hash=dvae_hash(cfg.data.dvae) if cfg.data.dvae else None)
+    return TokenShardLoader(train_spec, cfg.optim.micro_batch_size, tokenizer=tokenizer,
+                            views=token_views(cfg.data.token_shards), use_views=cfg.data.token_views,
                             grid=m.image_grid, codebook_size=m.image_vocab_size, bpe_dropout=cfg.data.bpe_dropout,
                             num_workers=cfg.data.num_workers, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer)
 

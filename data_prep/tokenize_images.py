@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=at_least(1), default=64)
     p.add_argument("--image-size", type=at_least(1), default=None, help="default: the export's image_size")
     p.add_argument("--verify", type=at_least(0), default=0, metavar="K", help="decode K random samples, report PSNR")
+    p.add_argument("--views", type=at_least(1), default=1, metavar="K",
+                   help="codes of K views per image: the centre crop, then K-1 prior augmentations (Listing 2)")
+    p.add_argument("--view-seed", type=int, default=0, help="seed of the augmented views' random crops")
     p.add_argument("--seed", type=int, default=0, help="which samples --verify picks")
     p.add_argument("--part", type=int, default=None, help="this array part (default: SLURM_ARRAY_TASK_ID)")
     p.add_argument("--num-parts", type=int, default=None, help="array parts (default: SLURM_ARRAY_TASK_COUNT or 1)")
@@ -131,6 +134,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     job = {"format": FORMAT, "dvae_hash": meta["dvae_hash"], "grid_size": grid, "codebook_size": vae.cfg.codebook_size,
            "image_size": image_size, "preprocessing": "eval: centre square crop, resize (dalle_ds.data.augment)",
            "inputs": hashlib.sha1("\n".join(names).encode()).hexdigest()}
+    if args.views > 1:  # absent for one view: the job (and its resume check) is unchanged
+        job.update(views=args.views, view_seed=args.view_seed,
+                   preprocessing=job["preprocessing"] + f"; views 1..{args.views - 1}: prior (Listing 2)")
     out = args.output.rstrip("/")
     claim_output(out, job)
     if args.finalize:
@@ -163,11 +169,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                disable=args.no_progress, mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
     delay = float(os.environ.get(TEST_DELAY_ENV, 0) or 0)
     done_now = []
-    for url, batches in decoded_shards(todo, augment, args.batch_size, args.workers):
+    views = ViewAugment(image_size, args.views, args.view_seed) if args.views > 1 else augment
+    for url, batches in decoded_shards(todo, views, args.batch_size, args.workers):
         writer = TokenShardWriter(out, url)
         for batch in batches:
             if batch.images is not None:
-                writer.add(batch.samples, encoder(batch.images))  # (B, grid*grid) uint16
+                writer.add(batch.samples, encode_views(encoder, batch.images))  # (B, views*grid*grid) uint16
             writer.drop(batch.drops)
             bar.update(len(batch.samples) + len(batch.drops))
             if delay:
@@ -404,6 +411,31 @@ class BatchEncoder:
         return codes.flatten(1).to("cpu", torch.int32).numpy().astype("<u2")  # (B, grid*grid)
 
 
+class ViewAugment:
+    """PIL image -> (K, 3, S, S) uint8: view 0 is ``Augment("eval")`` (the codes of a one-view run),
+    views 1..K-1 are ``Augment("prior")`` (paper Listing 2: near-centre crop, resize to [1, 9/8] x S,
+    random S crop), each from a generator seeded by (view seed, the image's pixels, view): the same
+    codes on every re-run, rank and array part."""
+
+    def __init__(self, size: int, views: int, seed: int = 0):
+        self.eval, self.prior, self.views, self.seed, self.size = Augment("eval", size), Augment("prior", size), views, seed, size
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        img = img.convert("RGB")
+        digest = hashlib.blake2b(img.tobytes(), digest_size=8).hexdigest()
+        out = [self.eval(img)] + [self.prior(img, random.Random(f"view/{self.seed}/{digest}/{v}"))
+                                  for v in range(1, self.views)]
+        return torch.stack(out)  # (K, 3, S, S)
+
+
+def encode_views(encoder: "BatchEncoder", images: torch.Tensor) -> np.ndarray:
+    """(B, 3, S, S) -> (B, N) codes; (B, K, 3, S, S) -> (B, K*N), view-major (one encoder batch of B*K)."""
+    if images.dim() == 4:
+        return encoder(images)
+    b, k = images.shape[:2]
+    return encoder(images.flatten(0, 1)).reshape(b, -1)
+
+
 class TokenShardWriter:
     """One output shard (:class:`dalle_ds.data.shards.ShardWriter`); ``close`` publishes it, then its
     record (= finished)."""
@@ -462,7 +494,8 @@ def finalize(out: str, urls: list[str], job: dict, config: dict, require: bool) 
     dropped = count_drops(DROP_REASONS, *(r["dropped"] for r in records))
     manifest = build_manifest(FORMAT, "data_prep/tokenize_images.py", records, dropped, f"{PROGRESS}/<shard>.json",
                               {**config, "preprocessing": job["preprocessing"]}, job["inputs"],
-                              **{k: job[k] for k in ("grid_size", "codebook_size", "dvae_hash", "image_size")})
+                              **{k: job[k] for k in ("grid_size", "codebook_size", "dvae_hash", "image_size",
+                                                     "views", "view_seed") if k in job})
     url = write_manifest(out, manifest)
     print(f"{url}: {manifest['samples']} samples in {len(records)} token shards, dropped "
           f"{ {k: v for k, v in dropped.items() if v} }", file=sys.stderr, flush=True)
@@ -486,7 +519,8 @@ def verify(out: str, vae: torch.nn.Module, augment: Augment, device: torch.devic
     sources = {r["name"]: r["source"] for r in records}
     keys, codes, images = [], [], []
     for name, indices in wanted.items():
-        chosen = {s["__key__"]: np.frombuffer(s["codes"], "<u2").astype(np.int64)
+        n_codes = (augment.size // vae.cfg.downsample) ** 2  # view 0 (the centre crop) of K stored views
+        chosen = {s["__key__"]: np.frombuffer(s["codes"], "<u2")[:n_codes].astype(np.int64)
                   for i, s in enumerate(iter_shard(storage.join(out, name))) if i in indices}
         found = {}
         for s in iter_shard(sources[name]):

@@ -127,3 +127,36 @@ class WarmupPlateauLR:
             if k not in self.state_dict():
                 raise KeyError(f"WarmupPlateauLR.load_state_dict: unknown key {k!r}")
             setattr(self, k, v)
+
+
+class WarmupCosineLR(WarmupPlateauLR):
+    """``optim.schedule: cosine``: the same warm-up (and warm-up clipping), then a half cosine from
+    ``lr`` to ``min_lr_ratio * lr`` at ``max_steps`` (a short run's budget is known; halving on a
+    noisy plateau starts early there). Same interface and state as WarmupPlateauLR."""
+
+    def __init__(self, lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.1,
+                 grad_clip: float = 0.0):
+        super().__init__(lr, warmup_steps, patience=1, grad_clip=grad_clip)
+        self.max_steps, self.min_lr_ratio = max(max_steps, warmup_steps + 1), min_lr_ratio
+
+    @classmethod
+    def from_optim(cls, cfg: OptimConfig) -> "WarmupCosineLR":
+        return cls(cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.grad_clip)
+
+    @property
+    def lr(self) -> float:
+        if self.in_warmup:
+            return self.base_lr * (self.updates + 1) / self.warmup_steps
+        return cosine(self.updates - self.warmup_steps, self.base_lr, self.base_lr * self.min_lr_ratio,
+                      self.max_steps - self.warmup_steps)
+
+    def step(self, loss: float) -> float:
+        self.updates += 1
+        self._avg = self.ema * self._avg + (1 - self.ema) * float(loss)
+        self._weight = self.ema * self._weight + (1 - self.ema)
+        return self.lr
+
+
+def prior_lr_schedule(cfg: OptimConfig) -> WarmupPlateauLR:
+    """The prior's schedule named by ``optim.schedule``: plateau (paper) or cosine."""
+    return (WarmupCosineLR if cfg.schedule == "cosine" else WarmupPlateauLR).from_optim(cfg)
