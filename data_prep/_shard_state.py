@@ -150,6 +150,8 @@ class ResumeState:
             state.records.append(record)
             state.next_item = record["next_item"]
         state.progress.remove_temps(f"{prefix}-[0-9]*.tar")
+        if n := storage.abort_multipart_uploads(out):  # a killed run's shard upload: invisible but billed
+            print(f"{out}: aborted {n} incomplete multipart upload(s) of an earlier run")
         return state
 
     @property

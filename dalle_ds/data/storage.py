@@ -2,7 +2,14 @@
 
 Credentials and endpoint come from the standard boto3 chain (env vars, ~/.aws, instance roles);
 S3-compatible stores are reached with ``AWS_ENDPOINT_URL``. Nothing here prints or stores
-credentials. Importing this module registers an ``s3`` scheme with webdataset, so
+credentials.
+
+Flaky storage: an S3 object is read through :class:`RetryingBody`, which on a connection reset,
+timeout or short body re-opens the object at the byte it stopped at (HTTP Range), up to
+``READ_RETRIES`` times with exponential backoff; every retry is counted in :data:`RETRIES`
+(by kind), which jobs report. Requests themselves are retried by botocore (standard mode).
+:func:`abort_multipart_uploads` removes the incomplete multipart uploads a killed job left
+under its output prefix (they are invisible but billed). Importing this module registers an ``s3`` scheme with webdataset, so
 ``webdataset.WebDataset("s3://bucket/shard-000000.tar")`` streams through boto3.
 """
 
@@ -15,6 +22,8 @@ import io
 import json
 import os
 import tempfile
+import time
+from collections import Counter
 from pathlib import Path
 from typing import IO, Any
 
@@ -136,15 +145,94 @@ def exists(url: str) -> bool:
 # ---------------------------------------------------------------- reading
 
 
-def open_read(url: str) -> IO[bytes]:
-    """A binary, streaming file-like object for a path or an s3:// URL."""
-    if is_s3(url):
-        bucket, key = split_s3(url)
+READ_RETRIES = 5
+BACKOFF_S = 0.2  # first retry's wait; doubles each time
+RETRIES: Counter = Counter()  # retries made by this process, by kind ("s3_read")
+
+
+def _transient(e: BaseException) -> bool:
+    """A connection reset, timeout or short read: worth re-opening the object."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
+    return isinstance(e, (ConnectionError, TimeoutError, BotoConnectionError, IncompleteReadError,
+                          ReadTimeoutError, ResponseStreamingError, Urllib3Error))
+
+
+class RetryingBody(io.RawIOBase):
+    """An S3 object as a stream that survives dropped connections: a failed read re-opens the
+    object at the current offset (Range: bytes=N-) after a backoff, at most ``READ_RETRIES``
+    times in a row; then the error is raised, naming the URL."""
+
+    def __init__(self, url: str, retries: int = READ_RETRIES, backoff_s: float = BACKOFF_S):
+        self.url, self.retries, self.backoff_s = url, retries, backoff_s
+        self.bucket, self.key = split_s3(url)
+        self.pos, self.size, self.body = 0, None, None
+        self._open()
+
+    def _open(self) -> None:
+        kwargs = {"Range": f"bytes={self.pos}-"} if self.pos else {}
         try:
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+            r = s3_client().get_object(Bucket=self.bucket, Key=self.key, **kwargs)
         except Exception as e:  # noqa: BLE001 - re-raised with the URL in the message
-            raise OSError(f"{url}: cannot read S3 object ({type(e).__name__}: {e})") from e
+            raise OSError(f"{self.url}: cannot read S3 object ({type(e).__name__}: {e})") from e
+        if self.size is None:
+            self.size = int(r["ContentLength"])
+        self.body = r["Body"]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        failures = 0
+        while True:
+            try:
+                data = self.body.read(len(buf))
+                if not data and self.size is not None and self.pos < self.size:
+                    raise ConnectionError(f"body ended at byte {self.pos} of {self.size}")
+                n = len(data)
+                buf[:n] = data
+                self.pos += n
+                return n
+            except Exception as e:  # noqa: BLE001 - transient ones are retried, the rest re-raised
+                if not _transient(e) or failures >= self.retries:
+                    raise OSError(f"{self.url}: read failed at byte {self.pos} after {failures} retries "
+                                  f"({type(e).__name__}: {e})") from e
+                failures += 1
+                RETRIES["s3_read"] += 1
+                time.sleep(self.backoff_s * 2 ** (failures - 1))
+                try:
+                    self.body.close()
+                except Exception:  # noqa: BLE001 - the broken connection may not close cleanly
+                    pass
+                self._open()
+
+    def close(self) -> None:
+        if self.body is not None:
+            self.body.close()
+        super().close()
+
+
+def open_read(url: str) -> IO[bytes]:
+    """A binary, streaming file-like object for a path or an s3:// URL (S3: :class:`RetryingBody`)."""
+    if is_s3(url):
+        return io.BufferedReader(RetryingBody(url), buffer_size=1 << 20)
     return open(url, "rb")
+
+
+def abort_multipart_uploads(prefix_url: str) -> int:
+    """Abort every incomplete multipart upload under an S3 prefix (left by a killed job); returns
+    how many. Only for a prefix one job owns: another process's upload in flight would go too."""
+    if not is_s3(prefix_url):
+        return 0
+    bucket, prefix = split_s3(prefix_url if prefix_url.endswith("/") else prefix_url + "/")
+    client, n = s3_client(), 0
+    for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
+        for up in page.get("Uploads", []):
+            client.abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+            n += 1
+    return n
 
 
 def read_bytes(url: str) -> bytes:
@@ -190,7 +278,7 @@ def upload_file(local_path: str | Path, url: str) -> None:
     """Copy a finished local file to a path or S3 URL (multipart above 8 MB, atomically visible)."""
     if is_s3(url):
         bucket, key = split_s3(url)
-        s3_client().upload_file(str(local_path), bucket, key)
+        s3_client().upload_file(str(local_path), bucket, key)  # aborts its multipart upload if it fails
         return
     dest = Path(url)
     dest.parent.mkdir(parents=True, exist_ok=True)
