@@ -249,6 +249,11 @@ class PrecisionConfig:
     backoff_log2: float = 0.5  # / sqrt(2) after an overflow
     backoff_hysteresis: int = 125  # no two decreases of one scale within this many updates
     allow_fp16_on_cpu: bool = False  # DeepSpeed refuses fp16 on CPU; tests enable it explicitly
+    # Branch compute dtype under a bf16 DeepSpeed JSON (#14): "float16" runs the resblock branches in
+    # fp16 with block scaling over bf16 storage (V100: fp16 tensor cores), mode "fp16_block16";
+    # "auto" = the JSON's dtype. The model-state regime itself is the JSON's: bf16 with
+    # bf16_master_weights_and_grads + bf16_optimizer_states = 16-bit (AdamW16), else fp32 master.
+    branch_dtype: Literal["auto", "float16"] = "auto"
 
     def validate(self, p: str = "precision") -> None:
         _require(self.min_scale_log2 <= self.init_scale_log2 <= self.max_scale_log2, f"{p}.init_scale_log2",

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dalle_ds.parallel.dist import default_device
 from dalle_ds.data.shards import IMAGE_SUFFIXES, captioned_images
 from dalle_ds.evaluation import metrics
 
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--image-size", type=int, default=None, help="default: the samples' size")
     ap.add_argument("--max-images", type=int, default=None)
     ap.add_argument("--is-splits", type=int, default=10)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=str(default_device()), help="default: cuda:LOCAL_RANK%%count, else cpu")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     if not args.inception_weights and not args.clip:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from dalle_ds.parallel.dist import default_device
 from dalle_ds.sampling.generate import SamplingSettings, default_prompt_rows
 from dalle_ds.sampling.grids import save_grid, to_pil
 from dalle_ds.sampling.pipeline import Pipeline
@@ -44,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     SamplingSettings.add_args(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=64, help="candidates sampled at once")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=str(default_device()), help="default: cuda:LOCAL_RANK%%count, else cpu")
     ap.add_argument("--out", default="samples", help="output folder")
     ap.add_argument("--all-grid", action="store_true", help="also write a grid of every candidate")
     args = ap.parse_args(argv)

@@ -21,6 +21,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
+from dalle_ds.parallel.dist import default_device
 from dalle_ds.sampling.grids import grid_image
 from dalle_ds.sampling.pipeline import Pipeline
 from dalle_ds.sampling.generate import SamplingSettings
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--keep", type=int, default=4)
     ap.add_argument("--max-n", type=int, default=64)
     SamplingSettings.add_args(ap)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default=str(default_device()), help="default: cuda:LOCAL_RANK%%count, else cpu")
     args = ap.parse_args(argv)
     pipe = Pipeline(args.checkpoint, args.dvae, args.tokenizer, args.clip, args.device)
     app = App(pipe, args.n, args.keep, args.max_n,

@@ -36,7 +36,7 @@ import torch.distributed as torch_dist
 
 from dalle_ds.config import Config, load_config
 from dalle_ds.parallel.checkpoint import Checkpointer
-from dalle_ds.parallel.dist import DistInfo, init_distributed, print0
+from dalle_ds.parallel.dist import DistInfo, all_gather_values, all_reduce_values, init_distributed, print0
 from dalle_ds.parallel.engine import Engine, OptimSpec, build_engine, load_ds_config
 from dalle_ds.training.flops import Throughput
 from dalle_ds.training.logger import MetricsLogger
@@ -88,6 +88,8 @@ def train(cfg: Config, ds_config_path: str, sample_hooks: list[SampleHook] | Non
         print0(f"train: ZeRO-3 inside nodes of {hierarchy.groups.node_size} ranks, {hierarchy.groups.num_nodes} nodes, "
                f"cross-node average: {cross}")
     mode, ds_config = precision.resolve_ds_config(load_ds_config(ds_config_path), cfg.precision)
+    if mode == "bf16" and cfg.precision.branch_dtype == "float16" and cfg.precision.block_scaling:
+        mode = "fp16_block16"  # bf16 storage (16-bit regime), fp16 branches with block scales (#14)
     engine = build_prior_engine(cfg, ds_config, mode, hierarchy.engine_kwargs() if hierarchy else {})
     sched = prior_lr_schedule(cfg.optim)  # optim.schedule: plateau (paper) or cosine
     ckpt = Checkpointer.from_config(engine, cfg.run.dir, cfg.checkpoint)
@@ -96,7 +98,7 @@ def train(cfg: Config, ds_config_path: str, sample_hooks: list[SampleHook] | Non
     if hierarchy:
         ckpt.register_stateful("powersgd", hierarchy)  # per rank: error buffers of its own shards
     scaler = None
-    if mode == "fp16_block":
+    if mode in ("fp16_block", "fp16_block16"):
         scaler = precision.attach(engine.model, cfg.precision, info.world_size)
         precision.install(engine, scaler)  # skip vote = agreed overflow flags; scales updated after the step
         ckpt.register_stateful("precision", scaler)
@@ -157,9 +159,10 @@ def build_loader(cfg: Config):
 
 def build_prior_engine(cfg: Config, ds_config: dict, mode: str, hierarchy_kwargs: dict[str, Any]) -> Engine:
     """The prior under ``zero.Init``, AdamW without decay on gains/biases/embeddings; writes the run configs."""
-    from dalle_ds.models.prior import Prior, no_decay
+    from dalle_ds.models.prior import Prior, keep_fp32, no_decay
 
     return build_engine(lambda: Prior(cfg.model), ds_config, OptimSpec.from_optim(cfg.optim), no_decay=no_decay,
+                        keep_fp32=keep_fp32, seed=cfg.run.seed,
                         fixed_fp16_loss_scale=(mode != "fp16"), allow_fp16_on_cpu=cfg.precision.allow_fp16_on_cpu,
                         run_dir=cfg.run.dir, run_config=cfg, **hierarchy_kwargs)
 
@@ -186,11 +189,8 @@ def update(engine: Engine, sched: WarmupPlateauLR, batches, grad_accum_steps: in
 
 
 def mean_over_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-        torch_dist.all_reduce(t)
-        t /= torch_dist.get_world_size()
-    return t.tolist()
+    world = torch_dist.get_world_size() if torch_dist.is_initialized() else 1
+    return [v / world for v in all_reduce_values(values)]  # float64 on the backend's device
 
 
 def memory_per_rank(info: DistInfo) -> list[float]:
@@ -200,12 +200,7 @@ def memory_per_rank(info: DistInfo) -> list[float]:
     else:
         with open("/proc/self/statm") as f:  # resident pages
             mb = int(f.read().split()[1]) * 4096 / 2**20
-    mem = torch.tensor([mb])
-    if torch_dist.is_initialized() and info.world_size > 1:
-        gathered = [torch.zeros(1) for _ in range(info.world_size)]
-        torch_dist.all_gather(gathered, mem)
-        mem = torch.cat(gathered)
-    return [round(float(m), 1) for m in mem]
+    return [round(float(m[0]), 1) for m in all_gather_values([mb])]  # on the backend's device
 
 
 def powersgd_stats(hierarchy) -> dict[str, float]:

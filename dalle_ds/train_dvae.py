@@ -37,7 +37,7 @@ from dalle_ds.evaluation.reconstruction import evaluate_reconstruction, reconstr
 from dalle_ds.models.dvae import DiscreteVAE, save_dvae  # noqa: E402
 from dalle_ds.models.dvae_loss import mse_psnr  # noqa: E402
 from dalle_ds.parallel.checkpoint import Checkpointer  # noqa: E402
-from dalle_ds.parallel.dist import init_distributed, print0  # noqa: E402
+from dalle_ds.parallel.dist import all_reduce_, init_distributed, print0  # noqa: E402
 from dalle_ds.parallel.engine import OptimSpec, build_engine  # noqa: E402
 from dalle_ds.training.ema import EMA  # noqa: E402
 from dalle_ds.training.logger import MetricsLogger  # noqa: E402
@@ -147,13 +147,13 @@ class RunningStats:
 
     def add(self, loss: float, nll: float, kl: float, marginal_kl: float, mse: float, codes: torch.Tensor) -> None:
         self.sums += torch.tensor([loss, nll, kl, marginal_kl, mse, 1.0], dtype=torch.float64)
+        if self.codes.device != codes.device:  # count where the codes are (no host sync per step)
+            self.codes = self.codes.to(codes.device)
         self.codes += torch.bincount(codes.reshape(-1), minlength=self.codebook_size).double()
 
     def reduce(self) -> dict[str, float]:
         """Collective: means over steps and ranks; codebook usage over every rank's codes."""
-        packed = torch.cat([self.sums, self.codes])
-        if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-            torch_dist.all_reduce(packed)
+        packed = all_reduce_(torch.cat([self.sums, self.codes.cpu()]))  # on the backend's device and back
         sums, codes = packed[:6], packed[6:]
         n = max(float(sums[5]), 1.0)
         mse = float(sums[4]) / n

@@ -226,9 +226,10 @@ def plan_shards(n: int, part: int, num_parts: int, rank: int, world: int) -> lis
 def pick_device(spec: str, local_rank: int) -> torch.device:
     if spec != "auto":
         return torch.device(spec)
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    from dalle_ds.parallel.dist import device_index
+
+    idx = device_index(local_rank)  # local_rank % device_count, -1 without CUDA
+    return torch.device("cuda", idx) if idx >= 0 else torch.device("cpu")
 
 
 # ---------------------------------------------------------------- inputs and output folder

@@ -250,3 +250,19 @@ def test_other_parallel_modules_leave_deepspeed_internals_to_the_one_module(name
     code = re.sub(r'""".*?"""', "", text, flags=re.DOTALL)  # docstrings may name the internals
     hits = [pat for pat in FORBIDDEN if re.search(pat, code)]
     assert not hits, f"{name} touches DeepSpeed internals {hits}: go through deepspeed_internals.py"
+
+
+@pytest.mark.parametrize("dotted,needle", ds_internals.LOCAL_RANK_AS_DEVICE_SOURCES)
+def test_deepspeed_takes_local_rank_as_the_cuda_index(dotted, needle):
+    """dist.init_distributed rewrites LOCAL_RANK to LOCAL_RANK % device_count because of these lines (#14)."""
+    assert needle in inspect.getsource(resolve(dotted)), (dotted, needle)
+
+
+def test_fetch_sub_module_signature_for_the_autocast_free_gather():
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as coord
+
+    ds_internals.gather_params_outside_autocast()
+    fn = coord.fetch_sub_module
+    assert getattr(fn, "_dalle_ds_no_autocast", False)
+    assert list(inspect.signature(fn.__wrapped__).parameters) == ["self", "current_submodule", "forward"]
+    assert ".wait()" in inspect.getsource(fn.__wrapped__)

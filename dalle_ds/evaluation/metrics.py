@@ -61,15 +61,16 @@ class InceptionExtractor(nn.Module):
         except Exception as e:  # noqa: BLE001 - re-raised naming the file
             raise ValueError(f"{path}: not a TorchScript Inception network ({type(e).__name__}: {e})") from None
         self.name = f"inception:{path}"
+        self.device = torch.device(device)  # images go where the network is
         self.num_features = int(self.features(torch.zeros(1, 3, 64, 64, device=device)).shape[-1])
 
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
-        return self.net(images.float() * 255.0, return_features=True).float()  # (B, F)
+        return self.net(images.to(self.device).float() * 255.0, return_features=True).float()  # (B, F)
 
     @torch.no_grad()
     def log_probs(self, images: Tensor) -> Tensor:
-        p = self.net(images.float() * 255.0, no_output_bias=True).float()  # (B, C) probabilities
+        p = self.net(images.to(self.device).float() * 255.0, no_output_bias=True).float()  # (B, C) probabilities
         return p.clamp_min(1e-30).log()
 
 
@@ -107,7 +108,7 @@ class _Call(nn.Module):
         self.fn, self.num_features = fn, num_features
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fn(x)
+        return self.fn(x).to(x.device)  # torchmetrics keeps its state where the images are
 
 
 def load_extractor(inception_weights: str | None = None, clip=None, labels: list[str] | None = None,

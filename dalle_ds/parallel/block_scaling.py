@@ -65,7 +65,7 @@ import torch.distributed as torch_dist
 from dalle_ds.config import ConfigError, PrecisionConfig
 from dalle_ds.models.prior import _default_branch_fn
 from dalle_ds.parallel import deepspeed_internals as ds_internals
-from dalle_ds.parallel.dist import print0
+from dalle_ds.parallel.dist import comm_device, print0, to_comm
 
 Mode = Literal["fp16_block", "fp16", "bf16", "fp32"]
 
@@ -133,11 +133,9 @@ class BlockScaler:
     def check_overflow(self) -> bool:
         """At the accumulation boundary: agree on the flags across ranks (all-reduce MAX) and say
         whether the optimizer step must be skipped. The flags stay until :meth:`update`."""
-        flags = self._flags if self._flags is not None else torch.zeros(self.n_branches)
+        flags = self._flags if self._flags is not None else torch.zeros(self.n_branches, device=comm_device(self.group))
         if torch_dist.is_initialized() and torch_dist.get_world_size(self.group) > 1:
-            flags = flags.clone()
-            if torch_dist.get_backend(self.group) == "nccl" and flags.device.type != "cuda":
-                flags = flags.cuda()
+            flags = to_comm(flags.clone(), self.group)
             torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MAX, group=self.group)
         self._last_flags = flags.detach().to("cpu") > 0
         self._checked = True

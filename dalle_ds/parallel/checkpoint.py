@@ -54,7 +54,7 @@ import torch
 import torch.distributed as torch_dist
 
 from dalle_ds.parallel import deepspeed_internals as ds_internals
-from dalle_ds.parallel.dist import barrier, get_rank, print0
+from dalle_ds.parallel.dist import barrier, comm_device, get_rank, print0
 
 EXIT_CHECKPOINTED = 75  # EX_TEMPFAIL: stopped by a signal after a complete checkpoint; requeue me
 TAG_RE = re.compile(r"^step_(\d{8,})$")
@@ -163,7 +163,7 @@ class Checkpointer:
     # -- save
     def should_save(self, step: int) -> bool:
         """Collective (every rank must call it each step): due by cadence or by a signal anywhere."""
-        flag = torch.tensor([self._signal], dtype=torch.int32)
+        flag = torch.tensor([self._signal], dtype=torch.int32, device=comm_device())
         if _world() > 1:
             torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
         if int(flag.item()):

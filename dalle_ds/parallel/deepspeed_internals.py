@@ -54,6 +54,18 @@ again, outside the skip switch)           ``_get_norm_groups``              touc
 ``checkpoint(checkpoint_dir, tag, ...)``                                    offline; its CLI script would need
                                                                             huggingface_hub
                                                                             (``fp32_state_dict_from_zero_checkpoint``)
+``LOCAL_RANK`` read as the CUDA device     runtime/engine.py ``DeepSpeed``   one GPU bound per task (LOCAL_RANK 3, one
+index (read by DeepSpeed; we rewrite the  ``Engine._configure_with_``       visible GPU): ``dist.init_distributed``
+environment variable)                     ``arguments`` + ``_set_``         sets LOCAL_RANK = LOCAL_RANK % count
+                                          ``distributed_vars``; zero/       before DeepSpeed reads it
+                                          partition_parameters.py           (``LOCAL_RANK_AS_DEVICE_SOURCES``)
+                                          ``Init.__init__``
+``PartitionedParameterCoordinator.``      deepspeed/runtime/zero/           16-bit regime: bf16 partitions gathered
+``fetch_sub_module(submodule, forward)``  partitioned_param_coordinator.py  inside an fp16 autocast branch hit
+(wrapped on the class)                    (its ``wait`` does ``torch.cat``  "Unexpected floating ScalarType in
+                                          of the partitions)                autocast::prioritize"; gathers run with
+                                                                            autocast off
+                                                                            (``gather_params_outside_autocast``)
 ZeRO-3 parameter attributes               deepspeed/runtime/zero/           sizes stored per rank, full shapes, shard
 ``ds_tensor``, ``ds_numel``,              partition_parameters.py           offsets (``is_partitioned``, ``full_shape``,
 ``ds_shape``, ``ds_id``,                  ``Init._convert_to_deepspeed_``   ``local_and_full_numel``, ``param_id``)
@@ -287,6 +299,43 @@ def set_partition_grads_hook(opt: Any, hook: GradShardHook) -> None:
 
 
 # ---------------------------------------------------------------- ZeRO-3 parameters
+
+
+def gather_params_outside_autocast() -> None:
+    """ZeRO-3 gathers (and the ``torch.cat`` of their partitions) run with autocast disabled, so bf16
+    partitions can be gathered for a branch that computes under fp16 autocast (the 16-bit regime with
+    fp16 block scaling, #14). Autocast's promote rule for ``cat`` refuses bf16 inputs under fp16."""
+    import contextlib
+    import functools
+
+    ensure_version()
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as coord
+
+    inner = coord.fetch_sub_module
+    if getattr(inner, "_dalle_ds_no_autocast", False):
+        return
+
+    @functools.wraps(inner)
+    def fetch_sub_module(self, current_submodule, forward):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.autocast("cpu", enabled=False))
+            if torch.cuda.is_available():
+                stack.enter_context(torch.autocast("cuda", enabled=False))
+            return inner(self, current_submodule, forward)
+
+    fetch_sub_module._dalle_ds_no_autocast = True
+    coord.fetch_sub_module = fetch_sub_module
+
+
+# Where DeepSpeed takes LOCAL_RANK as a CUDA device index (checked by tests/test_deepspeed_internals.py):
+# (dotted function, a line of its source that must still be there)
+LOCAL_RANK_AS_DEVICE_SOURCES = (
+    ("deepspeed.runtime.engine:DeepSpeedEngine._configure_with_arguments",
+     "self.local_rank = int(os.environ['LOCAL_RANK'])"),
+    ("deepspeed.runtime.engine:DeepSpeedEngine._set_distributed_vars", "get_accelerator().set_device(device_rank)"),
+    ("deepspeed.runtime.zero.partition_parameters:Init.__init__",
+     'torch.device(get_accelerator().device_name(os.environ["LOCAL_RANK"]))'),
+)
 
 
 def is_partitioned(p: torch.nn.Parameter) -> bool:

@@ -176,12 +176,109 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> Di
     os.environ.setdefault("LOCAL_WORLD_SIZE", str(info.local_world_size))
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(info.local_rank)
+    kwargs = {}
+    if "nccl" in backend:
+        idx = device_index(info.local_rank)
+        if idx < 0:
+            raise RuntimeError(f"backend {backend!r} needs a CUDA device; torch sees none")
+        if idx != info.local_rank:  # one GPU bound per task: DeepSpeed uses LOCAL_RANK as the CUDA index
+            os.environ[LAUNCHER_LOCAL_RANK_ENV] = str(info.local_rank)
+            os.environ["LOCAL_RANK"] = str(idx)
+            print0(f"dist: local rank {info.local_rank} sees {torch.cuda.device_count()} GPU(s): using cuda:{idx} "
+                   f"(LOCAL_RANK set to {idx} for DeepSpeed)")
+        torch.cuda.set_device(idx)
+        kwargs["device_id"] = torch.device("cuda", idx)
     if not torch_dist.is_initialized():
         torch_dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
-                                      timeout=timedelta(seconds=timeout_s))
+                                      timeout=timedelta(seconds=timeout_s), **kwargs)
     return info
+
+
+# ---------------------------------------------------------------- devices of collectives
+# NCCL takes CUDA tensors only, gloo CPU tensors (it also takes CUDA ones for some ops, slowly).
+# Every collective in the project goes through these helpers, so the tensor handed to the backend is
+# always on the backend's device (tests/test_device_discipline.py forbids raw collectives elsewhere).
+
+LAUNCHER_LOCAL_RANK_ENV = "DALLE_DS_LAUNCHER_LOCAL_RANK"  # the launcher's LOCAL_RANK when we rewrote it
+
+
+def device_index(local_rank: int) -> int:
+    """The CUDA device of a process with this local rank: ``local_rank % device_count`` (sites
+    that bind one GPU per task show each process one device, index 0); -1 without CUDA."""
+    n = torch.cuda.device_count()
+    return local_rank % n if n else -1
+
+
+def backend_of(group: torch_dist.ProcessGroup | None = None) -> str:
+    """The backend name of ``group`` (default group); "gloo" before any process group exists."""
+    return str(torch_dist.get_backend(group)) if torch_dist.is_initialized() else "gloo"
+
+
+def comm_device(group: torch_dist.ProcessGroup | None = None) -> torch.device:
+    """The device a tensor must be on for a collective over ``group``: ``cuda:<LOCAL_RANK % count>``
+    under NCCL (also for a combined "cpu:gloo,cuda:nccl" backend), the CPU otherwise (gloo, mpi)."""
+    if "nccl" in backend_of(group):
+        idx = device_index(int(os.environ.get("LOCAL_RANK", "0")))
+        if idx < 0:
+            raise RuntimeError("comm_device: the backend is NCCL but torch sees no CUDA device")
+        return torch.device("cuda", idx)
+    return torch.device("cpu")
+
+
+def default_device() -> torch.device:
+    """Where this process computes: its GPU (``LOCAL_RANK % count``) when CUDA is there, else the CPU."""
+    idx = device_index(int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cuda", idx) if idx >= 0 else torch.device("cpu")
+
+
+def to_comm(t: torch.Tensor, group: torch_dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``t`` on :func:`comm_device` (the same tensor when it already is)."""
+    dev = comm_device(group)
+    return t if t.device == dev else t.to(dev)
+
+
+def _world(group: torch_dist.ProcessGroup | None = None) -> int:
+    return torch_dist.get_world_size(group) if torch_dist.is_initialized() else 1
+
+
+def all_reduce_(t: torch.Tensor, op: str = "sum", group: torch_dist.ProcessGroup | None = None) -> torch.Tensor:
+    """In-place all-reduce of ``t`` (``op``: sum/max/min), moved to the backend's device and back;
+    returns the reduced tensor (``t`` itself when it already was on that device)."""
+    if _world(group) == 1:
+        return t
+    ops = {"sum": torch_dist.ReduceOp.SUM, "max": torch_dist.ReduceOp.MAX, "min": torch_dist.ReduceOp.MIN}
+    c = to_comm(t, group)
+    torch_dist.all_reduce(c, op=ops[op], group=group)
+    if c is not t:
+        t.copy_(c)
+    return t
+
+
+def all_reduce_values(values: list[float], op: str = "sum",
+                      group: torch_dist.ProcessGroup | None = None) -> list[float]:
+    """Python floats reduced over ``group`` (float64 on the backend's device)."""
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device(group))
+    return all_reduce_(t, op, group).tolist()
+
+
+def any_rank(flag: bool, group: torch_dist.ProcessGroup | None = None) -> bool:
+    """True on every rank when ``flag`` is true on any (int32 MAX all-reduce)."""
+    if _world(group) == 1:
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=comm_device(group))
+    return bool(all_reduce_(t, "max", group).item())
+
+
+def all_gather_values(values: list[float], group: torch_dist.ProcessGroup | None = None) -> list[list[float]]:
+    """Every rank's ``values`` (same length everywhere), in rank order."""
+    n = _world(group)
+    if n == 1:
+        return [list(values)]
+    mine = torch.tensor(values, dtype=torch.float64, device=comm_device(group))
+    out = torch.empty(n * mine.numel(), dtype=torch.float64, device=mine.device)
+    gather = getattr(torch_dist, "all_gather_single", None) or torch_dist.all_gather_into_tensor  # torch >= 2.13
+    gather(out, mine, group=group)
+    return out.view(n, -1).tolist()
 
 
 def _free_port() -> int:
@@ -251,7 +348,10 @@ def print0(*args, **kwargs) -> None:
 
 def barrier() -> None:
     if torch_dist.is_initialized():
-        torch_dist.barrier()
+        if "nccl" in backend_of():
+            torch_dist.barrier(device_ids=[comm_device().index])
+        else:
+            torch_dist.barrier()
 
 
 def destroy() -> None:

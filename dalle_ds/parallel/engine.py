@@ -49,7 +49,7 @@ from torch import nn
 
 from dalle_ds.config import ConfigError, OptimConfig
 from dalle_ds.parallel import deepspeed_internals as ds_internals
-from dalle_ds.parallel.dist import get_rank, print0
+from dalle_ds.parallel.dist import any_rank, get_rank, print0
 
 # What the YAML owns, and where it lives there (the error message points the user to it).
 YAML_OWNED_KEYS: dict[str, str] = {
@@ -140,6 +140,40 @@ def build_adamw(model: nn.Module, spec: OptimSpec,
                 no_decay: Callable[[str, nn.Parameter], bool] | None = None) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, spec.weight_decay, no_decay), lr=spec.lr,
                              betas=spec.betas, eps=spec.eps)
+
+
+def param_groups_16bit(model: nn.Module, weight_decay: float,
+                       no_decay: Callable[[str, nn.Parameter], bool] | None = None,
+                       keep_fp32: Callable[[str, nn.Parameter], bool] | None = None) -> list[dict[str, Any]]:
+    """AdamW16 groups: 16-bit matrices (decay, stochastic rounding), and the fp32 set (``keep_fp32``:
+    gains, biases, embeddings, unembeddings) with fp32 masters and moments, with and without decay."""
+    no_decay = no_decay or (lambda name, p: p.ndim < 2)
+    keep_fp32 = keep_fp32 or no_decay
+    groups: dict[str, list] = {"decay": [], "fp32_decay": [], "fp32_no_decay": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if no_decay(name, p):
+            groups["fp32_no_decay"].append(p)
+        else:
+            groups["fp32_decay" if keep_fp32(name, p) else "decay"].append(p)
+    spec = {"decay": (weight_decay, False), "fp32_decay": (weight_decay, True), "fp32_no_decay": (0.0, True)}
+    return [{"name": k, "params": v, "weight_decay": spec[k][0], "fp32_master": spec[k][1]}
+            for k, v in groups.items() if v]
+
+
+def build_optimizer(model: nn.Module, spec: OptimSpec, ds_config: dict[str, Any],
+                    no_decay: Callable[[str, nn.Parameter], bool] | None = None,
+                    keep_fp32: Callable[[str, nn.Parameter], bool] | None = None,
+                    seed: int = 0) -> torch.optim.Optimizer:
+    """The regime's client optimiser: :class:`~dalle_ds.training.adamw16.AdamW16` when the JSON keeps
+    master weights and optimizer states in bf16 (16-bit regime), else torch's AdamW (fp32 master)."""
+    from dalle_ds.training.adamw16 import AdamW16, uses_16bit_state
+
+    if not uses_16bit_state(ds_config):
+        return build_adamw(model, spec, no_decay)
+    return AdamW16(param_groups_16bit(model, spec.weight_decay, no_decay, keep_fp32), lr=spec.lr,
+                   betas=spec.betas, eps=spec.eps, seed=seed)
 
 
 class EntryPoint(nn.Module):
@@ -256,11 +290,7 @@ def local_and_total_numel(model: nn.Module) -> tuple[int, int]:
 
 
 def _any_rank(flag: bool) -> bool:
-    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
-        return bool(flag)
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-    return bool(t.item())
+    return any_rank(flag)  # on the backend's device (NCCL: CUDA)
 
 
 def build_engine(model_factory: Callable[[], nn.Module], ds_config: str | Path | dict[str, Any],
@@ -269,10 +299,13 @@ def build_engine(model_factory: Callable[[], nn.Module], ds_config: str | Path |
                  before_initialize: Sequence[Callable[[nn.Module, dict], None]] = (),
                  after_initialize: Sequence[Callable[[Engine], None]] = (),
                  fixed_fp16_loss_scale: bool = True, allow_fp16_on_cpu: bool = False,
-                 run_dir: str | Path | None = None, run_config: Any = None) -> Engine:
+                 run_dir: str | Path | None = None, run_config: Any = None,
+                 keep_fp32: Callable[[str, nn.Parameter], bool] | None = None, seed: int = 0) -> Engine:
     """Build the model (under ``zero.Init`` for stage 3), AdamW, and ``deepspeed.initialize``.
 
     ``entry`` names the model method DeepSpeed's forward calls (``None``: ``forward``).
+    ``keep_fp32`` (the paper's fp32 set) matters in the 16-bit regime (a JSON with
+    ``bf16.bf16_optimizer_states``): those parameters get fp32 masters and moments in AdamW16.
     ``allow_fp16_on_cpu`` (``cfg.precision.allow_fp16_on_cpu``) lets fp16 run on a CPU that
     DeepSpeed says cannot (tests; fp16 matmul there is very slow).
     ``run_config`` (an object with ``save(path)``, e.g. :class:`dalle_ds.config.Config`) and the
@@ -289,13 +322,16 @@ def build_engine(model_factory: Callable[[], nn.Module], ds_config: str | Path |
         ds_internals.allow_fp16_on_cpu()
 
     if zero_stage(resolved) == 3:
+        ds_internals.gather_params_outside_autocast()  # bf16 partitions gathered inside fp16 branches
         with deepspeed.zero.Init(config_dict_or_path=resolved, data_parallel_group=zero_partition_group):
             model = model_factory()
     else:
         if zero_partition_group is not None:
             raise ConfigError(f"{source}: zero_partition_group needs zero_optimization.stage=3")
         model = model_factory()
-    optimizer = build_adamw(model, spec, no_decay)
+    optimizer = build_optimizer(model, spec, resolved, no_decay, keep_fp32, seed)
+    if hasattr(optimizer, "sr_stream"):  # replicas of a shard (same rank in the ZeRO group) round alike
+        optimizer.sr_stream = torch_dist.get_rank(zero_partition_group) if zero_partition_group else get_rank()
     for fn in before_initialize:
         fn(model, resolved)
     module = EntryPoint(model, entry) if entry else model

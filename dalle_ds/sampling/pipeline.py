@@ -69,7 +69,7 @@ class Pipeline:
         codes_t, images_t = torch.cat(codes), torch.cat(images)  # (N, G*G), (N, 3, H, W)
         if self.scorer is not None:
             order, scores = rerank(self.scorer, images_t, caption, keep)
-            scores = scores.cpu()
+            order, scores = order.cpu(), scores.cpu()  # the scorer's device -> where the images are
         else:
             order, scores = torch.arange(keep), None
         return {"caption": caption, "images": images_t[order], "all_images": images_t, "codes": codes_t.cpu(),

@@ -20,7 +20,7 @@ import torch
 from dalle_ds.config import ModelConfig
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results"
-PEAK_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp16_block": "fp16", "fp32": "fp32"}  # precision mode -> matmul dtype
+PEAK_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp16_block": "fp16", "fp16_block16": "fp16", "fp32": "fp32"}  # precision mode -> matmul dtype
 
 
 def latest(name: str, device: str = "cpu", results_dir: Path | str = RESULTS_DIR) -> dict[str, Any] | None:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from dalle_ds.parallel.dist import print0
+from dalle_ds.parallel.dist import all_reduce_values, print0
 
 SAMPLE_SEED = 10_000
 
@@ -62,12 +62,7 @@ def split_token_shards(cfg) -> tuple[str | list[str], str | list[str] | None]:
 
 
 def _reduce_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-        if torch_dist.get_backend() == "nccl":
-            t = t.cuda()
-        torch_dist.all_reduce(t)
-    return t.cpu().tolist()
+    return all_reduce_values(values)  # float64 on the backend's device (cuda:LOCAL_RANK%count under NCCL)
 
 
 class Validator:
