@@ -53,6 +53,7 @@ from dalle_ds.data import storage  # noqa: E402
 from dalle_ds.data.shards import (  # noqa: E402
     MANIFEST, Progress, ShardWriter, build_manifest, count_drops, write_manifest,
 )
+from data_prep._shard_parts import finalize, part_folder, split_sources  # noqa: E402
 from data_prep._shard_state import ResumeState, shard_name  # noqa: E402
 from data_prep._shard_inputs import discover, fingerprint, iter_items, known_count  # noqa: E402
 from data_prep._shard_sample import (  # noqa: E402
@@ -64,7 +65,7 @@ FORMAT = "dalle-ds/image-shards/1"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", nargs="+", required=True, help="folders, tables (.tsv/.csv/.jsonl), tars; local or s3://")
+    p.add_argument("--input", nargs="+", help="folders, tables (.tsv/.csv/.jsonl), tars; local or s3://")
     p.add_argument("--output", required=True, help="output folder or s3://bucket/prefix/")
     p.add_argument("--samples-per-shard", type=at_least(1), default=10000)
     p.add_argument("--workers", type=at_least(1), default=max(1, (os.cpu_count() or 1) - 1))
@@ -82,7 +83,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL)")
     p.add_argument("--overwrite", action="store_true", help="replace an output made from other inputs or config")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--part", type=int, default=None, help="this machine's part (default: SLURM array element)")
+    p.add_argument("--num-parts", type=int, default=None,
+                   help="split the inputs over this many machines; each writes OUTPUT/part-NNNNN/ "
+                        "(default: SLURM_ARRAY_TASK_COUNT or 1)")
+    p.add_argument("--finalize", action="store_true",
+                   help="after all parts: merge their manifests into OUTPUT/manifest.json, drop cross-part duplicates")
     args = p.parse_args(argv)
+    if not args.input and not args.finalize:
+        p.error("--input is required (except with --finalize)")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.prefix):
         p.error(f"--prefix={args.prefix!r}: use letters, digits, '-' and '_' only")
     return args
@@ -98,9 +107,16 @@ def main(argv: list[str] | None = None) -> dict:
     config = {"inputs": args.input, "samples_per_shard": args.samples_per_shard, "prefix": args.prefix,
               "image_column": args.image_column, "caption_column": args.caption_column, **asdict(cfg)}
 
-    sources = discover(args.input)
-    fp = fingerprint(sources)
     out = args.output.rstrip("/")
+    part, num_parts = _array_part(args.part, args.num_parts)
+    if args.finalize:
+        return finalize(out, num_parts, FORMAT, DROP_REASONS)
+    sources = discover(args.input)
+    if num_parts > 1:  # this machine's contiguous share of the inputs, in its own sub-folder
+        sources = split_sources(sources, part, num_parts)
+        out = part_folder(out, part)
+        config.update(part=part, num_parts=num_parts)
+    fp = fingerprint(sources)
     job = {"config": config, "input_fingerprint": fp}
     done = _check_output(out, config, fp, args.overwrite)
     if done is not None:
@@ -225,6 +241,20 @@ def _check_output(out: str, config: dict, fp: str, overwrite: bool) -> dict | No
             storage.remove(storage.join(out, name))
     progress.claim(mine)
     return None
+
+
+def _array_part(part: int | None, num_parts: int | None) -> tuple[int, int]:
+    """(part, parts) from the flags, else the SLURM job array, else (0, 1)."""
+    from dalle_ds.parallel.dist import slurm_array_part
+
+    try:
+        array = slurm_array_part() if part is None and num_parts is None else None
+    except ValueError as e:
+        raise SystemExit(f"{e} (--part / --num-parts)") from None
+    part, num_parts = array if array is not None else (part or 0, num_parts or 1)
+    if num_parts < 1 or not 0 <= part < num_parts:
+        raise SystemExit(f"--part {part} --num-parts {num_parts}: need 0 <= part < num_parts")
+    return part, num_parts
 
 
 def _tars(out: str) -> list[str]:
