@@ -64,9 +64,10 @@ class RunConfig:
 class DataConfig:
     """Shards, tokenizer and loader settings (batch sizes live in optim / dvae_train)."""
 
-    image_shards: str = "data/shards/shard-{000000..000000}.tar"
-    token_shards: str = "data/tokens/tokens-{000000..000000}.tar"
-    tokenizer: str = "data/tokenizer.json"
+    # No defaults: a run names its data (train_dvae needs image_shards; train needs token_shards + tokenizer).
+    image_shards: str = ""  # image shards: folder, brace range, glob, list or s3:// prefix
+    token_shards: str = ""  # token shards from data_prep/tokenize_images.py (manifest.json beside them)
+    tokenizer: str = ""  # tokenizer.json from data_prep/train_text_tokenizer.py, local or s3://
     dvae: str = ""  # exported dVAE the token shards were made with; when set, training checks its hash
     image_size: int = 256  # side of the square image the dVAE sees
     bpe_dropout: float = 0.1  # paper: 0.1 during prior training
@@ -208,6 +209,7 @@ class OptimConfig:
 
     micro_batch_size: int = 1  # per rank, per forward
     grad_accum_steps: int = 1
+    global_batch_size: int = 0  # 0 = unset; else grad_accum_steps = this / (ranks x micro_batch_size)
     max_steps: int = 430_000
     lr: float = 4.5e-4
     betas: tuple[float, float] = (0.9, 0.96)
@@ -225,6 +227,8 @@ class OptimConfig:
     def validate(self, p: str = "optim") -> None:
         for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "plateau_patience"):
             _require(getattr(self, name) >= 1, f"{p}.{name}", getattr(self, name), "must be >= 1")
+        _require(self.global_batch_size >= 0, f"{p}.global_batch_size", self.global_batch_size,
+                 "must be >= 0 (0: set by grad_accum_steps)")
         _require(self.lr > 0, f"{p}.lr", self.lr, "must be > 0")
         _require(self.warmup_steps >= 0, f"{p}.warmup_steps", self.warmup_steps, "must be >= 0")
         _require(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, "must be >= 0")
@@ -234,6 +238,21 @@ class OptimConfig:
         _require(0 <= self.min_lr_ratio <= 1, f"{p}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas", self.betas,
                  "must be two values in [0, 1)")
+
+    def for_world(self, world_size: int) -> "OptimConfig":
+        """This section with ``grad_accum_steps`` derived from ``global_batch_size`` (when set) for
+        ``world_size`` data-parallel ranks: fewer ranks accumulate more, so the global batch holds."""
+        if not self.global_batch_size:
+            return self
+        per_pass = self.micro_batch_size * world_size
+        _require(self.global_batch_size % per_pass == 0, "optim.global_batch_size", self.global_batch_size,
+                 f"must be a multiple of optim.micro_batch_size x ranks = {self.micro_batch_size} x {world_size}"
+                 f" = {per_pass}")
+        accum = self.global_batch_size // per_pass
+        _require(self.grad_accum_steps in (1, accum), "optim.grad_accum_steps", self.grad_accum_steps,
+                 f"conflicts with optim.global_batch_size={self.global_batch_size} (which gives {accum} on "
+                 f"{world_size} ranks): set one of them")
+        return dataclasses.replace(self, grad_accum_steps=accum)
 
 
 @dataclass
@@ -301,7 +320,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    """Stdout and TensorBoard cadence."""
+    """Stdout, TensorBoard and W&B cadence."""
 
     every_steps: int = 10
     tensorboard: bool = True
@@ -312,7 +331,10 @@ class LoggingConfig:
     sample_count: int = 8  # ... when empty: the first distinct captions of the validation shards
     samples_per_caption: int = 4
     sample_temperature: float = 1.0
-    progress_bar: bool = True
+    progress_bar: bool | Literal["auto"] = "auto"  # auto: a bar on a terminal, log lines otherwise (SLURM)
+    wandb: bool = False  # also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works)
+    wandb_project: str = "dalle-ds"
+    wandb_name: str = ""  # run name; "" = the run folder's name
 
     def validate(self, p: str = "logging") -> None:
         _require(self.every_steps >= 1, f"{p}.every_steps", self.every_steps, "must be >= 1")

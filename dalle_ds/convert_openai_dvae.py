@@ -12,12 +12,12 @@ Usage of the result matches theirs: ``vae.logits(x)`` == ``enc(map_pixels(x))`` 
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 import torch.nn as nn
 
+from dalle_ds.cli_args import Parser, run
 from dalle_ds.config import DVAEConfig
 from dalle_ds.models.dvae import DiscreteVAE, Fp32Conv, save_dvae
 
@@ -79,7 +79,7 @@ def _load_pickle(path: str, kind: str) -> nn.Module:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--encoder", required=True, help="local path of OpenAI's encoder.pkl")
     ap.add_argument("--decoder", required=True, help="local path of OpenAI's decoder.pkl")
     ap.add_argument("--output", required=True, help="folder for model.safetensors + config.json")
@@ -95,4 +95,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run(main))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dalle_ds.cli_args import Parser, run
 from dalle_ds.parallel.dist import default_device
 from dalle_ds.data.shards import IMAGE_SUFFIXES, captioned_images
 from dalle_ds.evaluation import metrics
@@ -115,7 +116,7 @@ def format_report(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", required=True, help="folder of images + .txt captions, or image shards")
     ap.add_argument("--reference", required=True, help="image shards (or a folder) to compare with")
     ap.add_argument("--inception-weights", default=None, help="TorchScript FID Inception file (local)")
@@ -148,4 +149,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run(main))

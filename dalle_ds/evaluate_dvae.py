@@ -4,12 +4,11 @@
 
 Reconstructions go through the tokens the prior will see: argmax codes (no Gumbel noise), then
 the decoder's mu, unmapped to [0, 1]. Images are centre-cropped ("eval" augmentation) to the
-size the export was trained at (``--image_size``, default: the export's ``data.image_size``).
+size the export was trained at (``--image-size``, default: the export's ``data.image_size``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -17,6 +16,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dalle_ds.cli_args import Parser, run  # noqa: E402
 from dalle_ds.data import storage  # noqa: E402
 from dalle_ds.evaluation.reconstruction import evaluate_reconstruction  # noqa: E402
 from dalle_ds.models.dvae_io import load_dvae  # noqa: E402
@@ -25,13 +25,13 @@ from dalle_ds.models.dvae_io import load_dvae  # noqa: E402
 def main(argv: list[str] | None = None) -> dict:
     from dalle_ds.data.loaders import ImageShardLoader
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True,
                     help="dVAE export folder (model.safetensors + config.json), local or s3://")
     ap.add_argument("--shards", required=True, help="held-out image shards (paths, braces, globs, s3://)")
-    ap.add_argument("--image_size", type=int, default=None, help="default: the export's data.image_size")
-    ap.add_argument("--batch_size", type=int, default=64)
-    ap.add_argument("--max_images", type=int, default=None)
+    ap.add_argument("--image-size", type=int, default=None, help="default: the export's data.image_size")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--max-images", type=int, default=None)
     ap.add_argument("--grid", default=None, help="PNG path (default: CHECKPOINT/eval_grid.png, ./ for s3://)")
     ap.add_argument("--json", default=None, help="also write the metrics here")
     args = ap.parse_args(argv)
@@ -57,4 +57,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run(main))

@@ -1,8 +1,9 @@
 """Sample images for captions, rerank them with CLIP, write PNG grids and a JSON record.
 
+    python -m dalle_ds.sample --bundle runs/demo/bundle --prompt "a red circle above a blue square" -n 64 --keep 8 \\
+        [--clip runs/demo/clip] [--image-prompt photo.png --prompt-rows 7] [--output runs/demo/samples]
     python -m dalle_ds.sample --checkpoint runs/tiny/export --dvae runs/demo/dvae/export \\
-        --tokenizer runs/demo/tokenizer.json --prompt "a red circle above a blue square" -n 64 --keep 8 \\
-        [--clip runs/demo/clip] [--image-prompt photo.png --prompt-rows 7] [--out runs/demo/samples]
+        --tokenizer runs/demo/tokenizer.json --prompt ...          # the parts of a bundle, one by one
 
 For each prompt: N candidates (candidate j of prompt i uses seed ``--seed + i * N + j``), decoded
 with the dVAE, scored against the caption with the CLIP folder when given (best ``--keep`` kept,
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from dalle_ds import cli_args
 from dalle_ds.parallel.dist import default_device
 from dalle_ds.sampling.generate import SamplingSettings, default_prompt_rows
 from dalle_ds.sampling.grids import save_grid, to_pil
@@ -33,20 +35,21 @@ from dalle_ds.sampling.pipeline import Pipeline
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = cli_args.Parser(description=__doc__.split("\n\n")[0])
     Pipeline.add_args(ap)
     ap.add_argument("--prompt", action="append", default=[], help="a caption (repeat for several)")
     ap.add_argument("--prompts-file", default=None, help="one caption per line")
     ap.add_argument("-n", type=int, default=64, help="candidates per caption")
     ap.add_argument("--keep", type=int, default=8, help="best candidates kept after reranking")
-    ap.add_argument("--clip", default=None, help="CLIP folder for reranking (Hugging Face or dalle_ds/train_clip.py)")
+    ap.add_argument("--clip", default=None, help="CLIP for reranking: a folder (Hugging Face or dalle_ds/train_clip.py) "
+                                                 "or a Hugging Face model id in the local cache")
     ap.add_argument("--image-prompt", default=None, help="image whose top rows of codes are kept (completion)")
     ap.add_argument("--prompt-rows", type=int, default=None, help="rows kept (default: 15/32 of the grid)")
     SamplingSettings.add_args(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=64, help="candidates sampled at once")
     ap.add_argument("--device", default=str(default_device()), help="default: cuda:LOCAL_RANK%%count, else cpu")
-    ap.add_argument("--out", default="samples", help="output folder")
+    cli_args.add_output(ap, default="samples")
     ap.add_argument("--all-grid", action="store_true", help="also write a grid of every candidate")
     args = ap.parse_args(argv)
     if args.prompts_file:
@@ -61,15 +64,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     settings = SamplingSettings.from_args(args)
-    pipe = Pipeline(args.checkpoint, args.dvae, args.tokenizer, args.clip, args.device, args.batch_size)
+    pipe = Pipeline.from_args(args, batch_size=args.batch_size)
     g = pipe.prior.cfg.image_grid
     prompt_codes, rows = None, None
     if args.image_prompt:
         rows = args.prompt_rows or default_prompt_rows(g)
         prompt_codes = pipe.prompt_codes(args.image_prompt, rows)
-    out = Path(args.out)
+    out = Path(args.output)
     (out / "kept").mkdir(parents=True, exist_ok=True)
-    record = {"checkpoint": args.checkpoint, "dvae": args.dvae, "clip": args.clip, "sampling": asdict(settings),
+    record = {"bundle": args.bundle, "checkpoint": args.checkpoint, "dvae": args.dvae, "clip": args.clip, "sampling": asdict(settings),
               "n": args.n, "keep": args.keep, "image_prompt": args.image_prompt, "prompt_rows": rows,
               "prompts": []}
     t0 = time.time()
@@ -95,4 +98,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli_args.run(lambda argv: main(argv) and 0))

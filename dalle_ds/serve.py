@@ -1,7 +1,8 @@
 """A small local web page for trying a trained model: type a caption, see the reranked grid.
 
+    python -m dalle_ds.serve --bundle runs/demo/bundle [--clip runs/demo/clip] --port 8000
     python -m dalle_ds.serve --checkpoint runs/tiny/export --dvae runs/demo/dvae/export \\
-        --tokenizer runs/demo/tokenizer.json [--clip runs/demo/clip] --port 8000
+        --tokenizer runs/demo/tokenizer.json ...              # the parts of a bundle, one by one
     # then open http://127.0.0.1:8000/
 
 Standard library ``http.server`` (one request samples at a time; a lock serialises the model).
@@ -12,7 +13,6 @@ with GET), ``GET /api/sample?caption=...`` JSON (seeds, scores, the grid as base
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -21,6 +21,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
+from dalle_ds import cli_args
 from dalle_ds.parallel.dist import default_device
 from dalle_ds.sampling.grids import grid_image
 from dalle_ds.sampling.pipeline import Pipeline
@@ -146,9 +147,9 @@ def make_server(app: App, host: str = "127.0.0.1", port: int = 8000) -> Threadin
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = cli_args.Parser(description=__doc__.split("\n\n")[0])
     Pipeline.add_args(ap)
-    ap.add_argument("--clip", default=None, help="CLIP folder for reranking")
+    ap.add_argument("--clip", default=None, help="CLIP for reranking: a folder or a Hugging Face id in the local cache")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("-n", type=int, default=16, help="default candidates per request")
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     SamplingSettings.add_args(ap)
     ap.add_argument("--device", default=str(default_device()), help="default: cuda:LOCAL_RANK%%count, else cpu")
     args = ap.parse_args(argv)
-    pipe = Pipeline(args.checkpoint, args.dvae, args.tokenizer, args.clip, args.device)
+    pipe = Pipeline.from_args(args)
     app = App(pipe, args.n, args.keep, args.max_n,
               settings=SamplingSettings.from_args(args))
     server = make_server(app, args.host, args.port)
@@ -171,4 +172,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli_args.run(main))

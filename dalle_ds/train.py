@@ -34,13 +34,16 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from dalle_ds.config import Config, load_config
+from dalle_ds import cli_args
+from dalle_ds.config import Config
 from dalle_ds.parallel.checkpoint import Checkpointer
 from dalle_ds.parallel.dist import DistInfo, all_gather_values, all_reduce_values, init_distributed, print0
+from dalle_ds.parallel.dist import launch_info
 from dalle_ds.parallel.engine import Engine, OptimSpec, build_engine, load_ds_config
 from dalle_ds.training.flops import Throughput
 from dalle_ds.training.logger import MetricsLogger
 from dalle_ds.training.loop import EXIT_COMPLETED, TrainLoop
+from dalle_ds.training import preflight
 from dalle_ds.training.prior_hooks import PriorHooks, split_token_shards, token_views
 from dalle_ds.training.schedules import WarmupPlateauLR, prior_lr_schedule
 
@@ -52,18 +55,31 @@ ECHO_KEYS = ["loss", "text_loss", "image_loss", "lr", "grad_norm", "tokens_per_s
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train the DALL-E prior under DeepSpeed ZeRO-3.")
-    p.add_argument("--config", default="tiny", help="preset name (dalle_ds/configs) or YAML path")
-    p.add_argument("--deepspeed_config", required=True, help="static DeepSpeed JSON (ds_configs/*.json)")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
+    p = cli_args.Parser(description="Train the DALL-E prior under DeepSpeed ZeRO-3.", config=True)
+    cli_args.add_deepspeed_config(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """parse -> config -> inputs checked (before any process group or engine) -> train."""
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    return train(cfg, args.deepspeed_config)
+    cfg = cli_args.load(args)
+    if args.print_config:
+        cli_args.print_config(cfg)
+        return 0
+    ds_config_path = cli_args.resolve_ds_config(args.deepspeed_config)
+    launch = launch_info()
+    cfg.optim = cfg.optim.for_world(launch.world_size)
+    found = preflight.prior_inputs(cfg)
+    if args.dry_run:
+        from dalle_ds.plan import run_plan
+
+        print0(f"train --dry-run: config {args.config} valid; DeepSpeed JSON {ds_config_path}; inputs {found}")
+        node = cfg.powersgd.node_size or launch.local_world_size
+        print0("\n".join(run_plan(cfg, launch.world_size, node if cfg.powersgd.enabled or cfg.powersgd.hierarchical
+                                   else launch.world_size)))
+        return 0
+    return train(cfg, ds_config_path)
 
 
 def train(cfg: Config, ds_config_path: str, sample_hooks: list[SampleHook] | None = None) -> int:
@@ -74,6 +90,7 @@ def train(cfg: Config, ds_config_path: str, sample_hooks: list[SampleHook] | Non
     warnings.filterwarnings("ignore", message=r".*is deprecated. Please use `torch\.distributed")
     # -- dist
     info = init_distributed()
+    cfg.optim = cfg.optim.for_world(info.world_size)  # optim.global_batch_size -> grad_accum_steps
     seed_everything(cfg.run.seed)
     print0(f"train: {info.world_size} ranks via {info.launcher}, run dir {cfg.run.dir}")
     # -- data
@@ -103,7 +120,7 @@ def train(cfg: Config, ds_config_path: str, sample_hooks: list[SampleHook] | Non
         precision.install(engine, scaler)  # skip vote = agreed overflow flags; scales updated after the step
         ckpt.register_stateful("precision", scaler)
     # -- loop
-    log = MetricsLogger.from_config(cfg.run.dir, cfg.logging, echo_keys=ECHO_KEYS)
+    log = MetricsLogger.from_config(cfg.run.dir, cfg.logging, echo_keys=ECHO_KEYS, run_config=cfg)
     loop = TrainLoop(cfg.optim.max_steps, log, ckpt=ckpt, run_dir=cfg.run.dir, desc="train")
     # validation loss on held-out token shards, training-time sample grids (dalle_ds/training/prior_hooks.py)
     hooks = PriorHooks.from_config(cfg, split_token_shards(cfg)[1], loader.tokenizer, info.is_main, sample_hooks)
@@ -209,4 +226,4 @@ def powersgd_stats(hierarchy) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_args.run(main))

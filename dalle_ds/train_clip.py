@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from dalle_ds import cli_args
 from dalle_ds.parallel.dist import print0
 from dalle_ds.sampling.rerank import ClipScorer, ProjectClipProcessor
 from dalle_ds.training.logger import MetricsLogger
@@ -88,10 +89,10 @@ def train(model, processor: ProjectClipProcessor, batches, steps: int, lr: float
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = cli_args.Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shards", required=True, help="image shards (paths, braces, globs, dirs, s3://)")
     ap.add_argument("--tokenizer", required=True, help="the project's tokenizer.json")
-    ap.add_argument("--out", required=True, help="folder to write (save_pretrained + processor)")
+    cli_args.add_output(ap, required=True, help="folder to write (save_pretrained + processor)")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -125,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
           f"images {args.image_size}px, text {args.context_length} tokens (vocab {processor.vocab_size})")
     loader = ImageShardLoader(args.shards, args.batch_size, mode="eval", size=args.image_size, rank=0, world_size=1,
                               num_workers=args.workers, seed=args.seed, shuffle=True, infinite=True)
-    out = Path(args.out)
-    log = MetricsLogger(out, tensorboard=args.tensorboard, progress_bar=True)  # out/metrics.jsonl (+ out/tb)
+    out = Path(args.output)
+    log = MetricsLogger(out, tensorboard=args.tensorboard, progress_bar="auto")  # out/metrics.jsonl (+ out/tb)
     # -- train
     t0 = time.time()
     losses = train(model, processor, loader, args.steps, args.lr, log=log, log_every=args.log_every)
@@ -144,4 +145,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_args.run(main))

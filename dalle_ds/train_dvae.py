@@ -31,7 +31,8 @@ import torch.distributed as torch_dist
 if __package__ in (None, ""):  # `deepspeed dalle_ds/train_dvae.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dalle_ds.config import Config, DVAETrainConfig, load_config  # noqa: E402
+from dalle_ds import cli_args  # noqa: E402
+from dalle_ds.config import Config, DVAETrainConfig  # noqa: E402
 from dalle_ds.data.loaders import ImageShardLoader  # noqa: E402
 from dalle_ds.evaluation.reconstruction import evaluate_reconstruction, reconstruction_grid, save_png  # noqa: E402
 from dalle_ds.models.dvae import DiscreteVAE, save_dvae  # noqa: E402
@@ -41,6 +42,7 @@ from dalle_ds.parallel.dist import all_reduce_, init_distributed, print0  # noqa
 from dalle_ds.parallel.engine import OptimSpec, build_engine  # noqa: E402
 from dalle_ds.training.ema import EMA  # noqa: E402
 from dalle_ds.training.logger import MetricsLogger  # noqa: E402
+from dalle_ds.training import preflight  # noqa: E402
 from dalle_ds.training.loop import EXIT_COMPLETED, TrainLoop  # noqa: E402
 from dalle_ds.training.schedules import DVAESchedule  # noqa: E402
 
@@ -49,20 +51,29 @@ UpdateHook = Callable[[int, float], None]  # fn(step, this rank's loss) after ev
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="Train the DALL·E dVAE (stage 1) under DeepSpeed.")
-    ap.add_argument("--config", default="tiny", help="preset name (dalle_ds/configs) or YAML path")
-    ap.add_argument("--deepspeed_config", default="ds_configs/dvae.json", help="static DeepSpeed JSON")
-    ap.add_argument("--eval_shards", default=None, help="held-out shards evaluated at every image step")
-    ap.add_argument("--eval_images", type=int, default=256, help="held-out images per evaluation")
-    ap.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher (unused)")
-    ap.add_argument("overrides", nargs="*", help="section.key=value")
+    ap = cli_args.Parser(description="Train the DALL·E dVAE (stage 1) under DeepSpeed.", config=True)
+    cli_args.add_deepspeed_config(ap, default="dvae.json")
+    ap.add_argument("--eval-shards", default=None, help="held-out shards evaluated at every image step")
+    ap.add_argument("--eval-images", type=int, default=256, help="held-out images per evaluation")
     return ap.parse_args(argv)
 
 
+    """parse -> config -> inputs checked (before any process group or engine) -> train."""
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    return train(cfg, args.deepspeed_config, args.eval_shards, args.eval_images)
+    cfg = cli_args.load(args)
+    if args.print_config:
+        cli_args.print_config(cfg)
+        return 0
+    ds_config_path = cli_args.resolve_ds_config(args.deepspeed_config)
+    found = preflight.dvae_inputs(cfg, args.eval_shards)
+    if args.dry_run:
+        n = sum(p.numel() for p in DiscreteVAE(cfg.dvae).parameters())
+        print0(f"train_dvae --dry-run: config {args.config} valid; DeepSpeed JSON {ds_config_path}; inputs {found}; "
+               f"dVAE {n:,} parameters (fp32, data parallel: weights, grads and Adam moments "
+               f"{16 * n / 2**30:.3f} GiB per rank)")
+        return 0
+    return train(cfg, ds_config_path, args.eval_shards, args.eval_images)
 
 
 def train(cfg: Config, ds_config_path: str, eval_shards: str | None = None, eval_images: int = 256,
@@ -90,7 +101,7 @@ def train(cfg: Config, ds_config_path: str, eval_shards: str | None = None, eval
     ckpt = Checkpointer.from_config(engine, run_dir, cfg.checkpoint)
     ckpt.register_stateful("ema", ema)
     ckpt.register_stateful("data", loader)
-    log = MetricsLogger.from_config(run_dir, cfg.logging, echo_keys=ECHO_KEYS)
+    log = MetricsLogger.from_config(run_dir, cfg.logging, echo_keys=ECHO_KEYS, run_config=cfg)
     loop = TrainLoop(tc.max_steps, log, ckpt=ckpt, run_dir=run_dir, desc="dvae")
     if info.is_main:  # the EMA export follows every checkpoint
         loop.on_save(lambda step: export_ema(ema, cfg, run_dir / "export", step))
@@ -194,7 +205,7 @@ def evaluate_heldout(eval_vae: DiscreteVAE, shards: str, max_images: int, image_
 
 
 if __name__ == "__main__":
-    code = main()
+    code = cli_args.run(main)
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
     sys.exit(code)

@@ -65,6 +65,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from dalle_ds.cli_args import Parser, run
 from dalle_ds.config import at_least  # noqa: E402
 from dalle_ds.data import storage  # noqa: E402
 from dalle_ds.data.augment import Augment  # noqa: E402
@@ -82,7 +83,7 @@ TEST_DELAY_ENV = "DALLE_DS_TOKENIZE_TEST_DELAY"  # tests only: seconds to sleep 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dvae", required=True, help="dVAE export folder (model.safetensors + config.json), local or s3://")
     p.add_argument("--input", required=True, help="image shards: paths, brace ranges, globs, folders, s3:// prefixes")
     p.add_argument("--output", required=True, help="token shard folder or s3://bucket/prefix/")
@@ -558,4 +559,4 @@ def verify(out: str, vae: torch.nn.Module, augment: Augment, device: torch.devic
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run(main))

@@ -15,7 +15,6 @@ so it matches ``model.text_vocab_size``: when the corpus is too small to learn t
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tarfile
@@ -28,6 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from dalle_ds.cli_args import Parser, run
 from dalle_ds.data import storage  # noqa: E402
 from dalle_ds.data.tokenizer import SPECIAL_TOKENS, TextTokenizer  # noqa: E402
 
@@ -97,7 +97,7 @@ def train(urls: list[str], vocab_size: int, min_frequency: int = 2, strict: bool
 
 
 def main(argv: list[str] | None = None) -> Tokenizer:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", required=True, help="shard spec: folder, brace range, glob, s3:// prefix, list")
     p.add_argument("--vocab-size", type=int, default=16384)
     p.add_argument("--min-frequency", type=int, default=2, help="merges seen fewer times are not learned")
@@ -115,4 +115,4 @@ def main(argv: list[str] | None = None) -> Tokenizer:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run(main))

@@ -13,10 +13,10 @@
 # DVAE (the dVAE export the tokens were made with: training checks its hash), GLOBAL_BATCH_SIZE,
 # EXTRA_ARGS (dotted overrides), plus those in slurm/lib.sh (PYTHON, CONTAINER, DALLE_MODULES, ...).
 #
-# Global batch = optim.micro_batch_size x optim.grad_accum_steps x ranks. The config has no
-# optim.global_batch_size key (dalle_ds/config.py, OptimConfig), so the same preset on fewer nodes
-# would train with a smaller batch. The script logs the global batch; set GLOBAL_BATCH_SIZE to hold it
-# fixed: it derives optim.grad_accum_steps and refuses (exit 2) a size that micro batch x ranks do not divide.
+# Global batch = optim.micro_batch_size x optim.grad_accum_steps x ranks. GLOBAL_BATCH_SIZE sets
+# optim.global_batch_size: train.py then derives optim.grad_accum_steps from the ranks at hand, so the
+# same preset on fewer nodes keeps its batch; a size that micro batch x ranks do not divide is refused
+# (exit 2) before srun. The script logs the global batch either way.
 #
 # GPUs: one task per GPU. To bind one GPU per task instead of showing each task the node's 8, replace
 # --gpus-per-node=8 below by --gpus-per-task=1 (see slurm/lib.sh).
@@ -46,32 +46,24 @@ args=(run.dir="$RUN_DIR" powersgd.node_size="${SLURM_NTASKS_PER_NODE%%(*}"
       data.token_shards="$TOKEN_SHARDS" data.tokenizer="$TOKENIZER")
 [ -n "${DVAE:-}" ] && args+=(data.dvae="$DVAE")
 
-# The batch the config and the overrides give (a config error stops the job here, before srun).
+[ -n "${GLOBAL_BATCH_SIZE:-}" ] && args+=(optim.global_batch_size="$GLOBAL_BATCH_SIZE")
+
+# The batch the config and the overrides give on these ranks: train.py derives optim.grad_accum_steps
+# from optim.global_batch_size the same way (OptimConfig.for_world); a config error or a global batch
+# that micro batch x ranks do not divide stops the job here, before srun, with one line and exit 2.
+ranks=$SLURM_NTASKS
 # shellcheck disable=SC2086
 sizes=$("${RUN_PREFIX[@]}" "$PYTHON" -c '
 import sys
 from dalle_ds.config import ConfigError, load_config
 try:
-    cfg = load_config(sys.argv[1], [a for a in sys.argv[2:] if "=" in a and not a.startswith("-")])
+    cfg = load_config(sys.argv[2], [a for a in sys.argv[3:] if "=" in a and not a.startswith("-")])
+    optim = cfg.optim.for_world(int(sys.argv[1]))
 except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-print(cfg.optim.micro_batch_size, cfg.optim.grad_accum_steps)' "$CONFIG" "${args[@]}" $EXTRA_ARGS)
+print(optim.micro_batch_size, optim.grad_accum_steps)' "$ranks" "$CONFIG" "${args[@]}" $EXTRA_ARGS)
 read -r micro accum <<<"$sizes"
-ranks=$SLURM_NTASKS
-if [ -n "${GLOBAL_BATCH_SIZE:-}" ]; then
-  per_pass=$((micro * ranks))
-  if ! [[ $GLOBAL_BATCH_SIZE =~ ^[1-9][0-9]*$ ]] || (( GLOBAL_BATCH_SIZE % per_pass != 0 )); then
-    echo "error: GLOBAL_BATCH_SIZE=$GLOBAL_BATCH_SIZE must be a multiple of optim.micro_batch_size x ranks = $micro x $ranks = $per_pass" >&2
-    exit 2
-  fi
-  if [[ " $EXTRA_ARGS " == *" optim.grad_accum_steps="* ]]; then
-    echo "error: GLOBAL_BATCH_SIZE and optim.grad_accum_steps in EXTRA_ARGS both set the batch: set one" >&2
-    exit 2
-  fi
-  accum=$((GLOBAL_BATCH_SIZE / per_pass))
-  args+=(optim.grad_accum_steps="$accum")
-fi
 log "global batch $((micro * accum * ranks)) = micro batch $micro x grad_accum $accum x $ranks ranks${GLOBAL_BATCH_SIZE:+ (GLOBAL_BATCH_SIZE)}"
 
 run_distributed "$RUN_DIR" dalle_ds/train.py --deepspeed_config "$DS_CONFIG" --config "$CONFIG" "${args[@]}"

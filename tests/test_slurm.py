@@ -214,14 +214,19 @@ def test_global_batch_size_sets_grad_accum_for_the_ranks_at_hand(fake_slurm):
     res = _bash(prior, fake_slurm | {"GLOBAL_BATCH_SIZE": "16"})
     assert res.returncode == 1, res.stderr  # the stand-in srun wrote no COMPLETED marker
     assert "global batch 16 = micro batch 2 x grad_accum 2 x 4 ranks (GLOBAL_BATCH_SIZE)" in res.stdout
-    assert " optim.grad_accum_steps=2 " in _srun_line(res.stdout)
+    # train.py gets the global batch and derives the accumulation itself (OptimConfig.for_world)
+    assert " optim.global_batch_size=16 " in _srun_line(res.stdout) + " "
+    assert "optim.grad_accum_steps" not in _srun_line(res.stdout)
     res = _bash(prior, fake_slurm)  # without it the batch follows the ranks, and the log says so
     assert "global batch 8 = micro batch 2 x grad_accum 1 x 4 ranks\n" in res.stdout
-    assert "optim.grad_accum_steps" not in _srun_line(res.stdout)
+    assert "optim.global_batch_size" not in _srun_line(res.stdout)
     res = _bash(prior, fake_slurm | {"GLOBAL_BATCH_SIZE": "12"})
     assert res.returncode == 2 and "srun " not in res.stdout
-    assert res.stderr.strip() == ("error: GLOBAL_BATCH_SIZE=12 must be a multiple of optim.micro_batch_size x ranks"
-                                  " = 2 x 4 = 8"), res.stderr
+    assert res.stderr.strip() == ("error: optim.global_batch_size=12: must be a multiple of optim.micro_batch_size x "
+                                  "ranks = 2 x 4 = 8"), res.stderr
+    res = _bash(prior, fake_slurm | {"GLOBAL_BATCH_SIZE": "16",
+                                     "EXTRA_ARGS": fake_slurm["EXTRA_ARGS"] + " optim.grad_accum_steps=4"})
+    assert res.returncode == 2 and "set one of them" in res.stderr, res.stderr
     res = _bash(prior, fake_slurm | {"EXTRA_ARGS": "optim.nope=1"})  # a config error stops the job before srun
     assert res.returncode == 2 and "srun " not in res.stdout and "optim.nope" in res.stderr, res.stderr
 

@@ -28,11 +28,16 @@ ROOT = Path(__file__).resolve().parents[1]
 LINE_RE = re.compile(r"^(train|eval) step (\d+): ((?:[\w/]+=\S+)(?: [\w/]+=\S+)*)$")
 
 
-def parse_line(line: str) -> tuple[str, int, dict[str, str]] | None:
+def parse_line(line: str, timing: bool = False) -> tuple[str, int, dict[str, str]] | None:
+    """(split, step, the metric key-values); ``timing``: keep the logger's elapsed= / eta= suffix too."""
     m = LINE_RE.match(line.strip())
     if not m:
         return None
-    return m.group(1), int(m.group(2)), dict(kv.split("=", 1) for kv in m.group(3).split())
+    kv = dict(kv.split("=", 1) for kv in m.group(3).split())
+    return m.group(1), int(m.group(2)), kv if timing else {k: v for k, v in kv.items() if k not in TIMING_KEYS}
+
+
+TIMING_KEYS = ("elapsed", "eta")
 
 
 def test_format_line_is_split_step_then_key_values():
@@ -251,24 +256,46 @@ def test_sigterm_to_a_trainer_process_exits_75_with_requeue_marker(tmp_path):
     assert f"signal {int(signal.SIGTERM)} received, saving at step {stopped}" in out
 
 
-def test_mfu_denominator_reads_recorded_peaks(tmp_path):
+def test_mfu_denominator_is_the_peak_of_the_machine_at_hand(tmp_path, monkeypatch):
     from dalle_ds.training import flops
 
-    def record(name, figures):
+    real_probe = flops.probe_matmul
+
+    def record(name, figures, cpu="Intel(R) Xeon(R) Processor"):
         rows = [{"metric": k, "value": v} for k, v in figures.items()]
-        (tmp_path / name).write_text(json.dumps({"figures": rows}))
+        (tmp_path / name).write_text(json.dumps({"machine": {"cpu": cpu}, "figures": rows}))
 
     record("matmul_peak-cpu-abc-20260101.json", {"fp32_gflops": 50.0})
     record("matmul_peak-cpu-abc-20260201.json", {"fp32_gflops": 100.0, "bf16_gflops": 20.0})  # the newest
+    record("matmul_peak-cpu-epy-20260301.json", {"fp32_gflops": 170.0}, cpu="AMD EPYC 7B13")  # another CPU model
     record("matmul_peak-gpu-def-20260101.json", {"fp32_gflops": 100.0, "cuda_fp32_gflops": 5000.0,
                                                  "cuda_bf16_gflops": 9000.0})
-    assert flops.peak_flops("fp32", cuda=False, results_dir=tmp_path) == 100e9
-    assert flops.peak_flops("fp32", cuda=True, results_dir=tmp_path) == 5000e9  # the GPU's, not the host CPU's
-    assert flops.mfu_denominator("fp32", 4, 2, cuda=False, results_dir=tmp_path) == 2 * 100e9  # 2 nodes (machines)
-    assert flops.mfu_denominator("bf16", 4, 2, cuda=True, results_dir=tmp_path) == 4 * 9000e9  # 4 GPUs
-    assert flops.mfu_denominator("fp16_block", 4, 2, cuda=False, results_dir=tmp_path) is None  # none recorded
+    xeon, epyc = "Intel(R) Xeon(R) Processor", "AMD EPYC 7B13"
+    # CPU: the figure recorded for this CPU model, never one from another machine
+    assert flops.peak_flops("fp32", cuda=False, results_dir=tmp_path, cpu=xeon) == 100e9
+    assert flops.peak_flops("fp32", cuda=False, results_dir=tmp_path, cpu=epyc) == 170e9
+    assert flops.peak_flops("fp32", cuda=False, results_dir=tmp_path, cpu="AMD EPYC 9654") is None
+    assert flops.mfu_denominator("fp32", 4, 2, cuda=False, results_dir=tmp_path, cpu=xeon) == 2 * 100e9  # 2 nodes
+    # an unrecorded CPU model: probed at start (every rank's probe, here one process standing for 4 ranks)
+    monkeypatch.setattr(flops, "probe_matmul", lambda dtype, seconds=1.0: {"fp32": 7e9, "fp16": 3e9}[dtype])
+    assert flops.mfu_denominator("fp32", 4, 2, cuda=False, results_dir=tmp_path, cpu="AMD EPYC 9654") == 4 * 7e9
+    assert flops.mfu_denominator("fp16_block", 1, 1, cuda=False, results_dir=tmp_path, cpu=xeon) == 3e9
+    assert flops.mfu_denominator("fp32", 1, 1, cuda=False, results_dir=tmp_path, cpu="?", probe=False) is None
+    # GPU: the datasheet peak for the dtype by device name, one per rank
+    assert flops.mfu_denominator("fp16_block", 8, 8, cuda=True, device_name="Tesla V100-SXM2-16GB") == 8 * 125e12
+    assert flops.peak_flops("fp32", cuda=True, device_name="Tesla V100-SXM2-32GB") == 15.7e12
+    assert flops.peak_flops("bf16", cuda=True, device_name="NVIDIA A100-SXM4-80GB") == 312e12
+    assert flops.peak_flops("bf16", cuda=True, device_name="NVIDIA H100 80GB HBM3") == 989e12
+    assert flops.peak_flops("bf16", cuda=True, device_name="NVIDIA H200") == 989e12
+    assert flops.peak_flops("bf16", cuda=True, device_name="NVIDIA H100 PCIe") == 756e12
+    # a GPU not in the table: the recorded GPU figure; V100 has no bf16: none in the table either
+    assert flops.peak_flops("fp32", cuda=True, results_dir=tmp_path, device_name="Radeon X") == 5000e9
+    assert flops.mfu_denominator("bf16", 4, 2, cuda=True, results_dir=tmp_path, device_name="Radeon X") == 4 * 9000e9
+    assert flops.peak_flops("bf16", cuda=True, results_dir=tmp_path / "none", device_name="Tesla V100") is None
     with pytest.raises(ValueError, match="dtype='int8'"):
         flops.peak_flops("int8", results_dir=tmp_path)
+    rate = real_probe("fp32", seconds=0.05, n=128)  # the real probe: a positive rate, quickly
+    assert 1e6 < rate < 1e15
     meter = flops.Throughput(tokens_per_step=1000, flops_per_token=2e6, peak_total=4e9)
     assert meter.rates(steps=4, seconds=2.0) == {"tokens_per_s": 2000.0, "flops_per_s": 4e9, "step_time_s": 0.5,
                                                  "mfu": 1.0}

@@ -135,12 +135,14 @@ def generate(prior: Prior, text: Tensor, seeds: list[int], settings: SamplingSet
     return codes
 
 
-def load_prior(export_dir: str, device: str | torch.device = "cpu", attention: str | None = None) -> Prior:
-    """A Prior in eval mode from an export folder (``dalle_ds.parallel.checkpoint.export``)."""
-    from dalle_ds.parallel.checkpoint import load_export
+def load_prior(export_dir: str, device: str | torch.device = "cpu", attention: str | None = None,
+               dtype: torch.dtype | None = None) -> Prior:
+    """A Prior in eval mode from an export or bundle folder (single or sharded safetensors, any dtype;
+    dalle_ds.sampling.bundle), in ``dtype`` (default fp32)."""
     from dalle_ds.config import ModelConfig, _build
+    from dalle_ds.sampling.bundle import load_weights
 
-    state, cfg_dict = load_export(export_dir)
+    state, cfg_dict = load_weights(export_dir)
     if attention:
         cfg_dict = {**cfg_dict, "attention": attention}
     cfg = _build(ModelConfig, cfg_dict, "model")
@@ -150,4 +152,4 @@ def load_prior(export_dir: str, device: str | torch.device = "cpu", attention: s
     if missing or unexpected:
         raise ValueError(f"{export_dir}/model.safetensors does not fit the config in config.json: "
                          f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    return prior.to(device).eval()
+    return prior.to(device=device, dtype=dtype or torch.float32).eval()
