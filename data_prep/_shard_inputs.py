@@ -25,7 +25,7 @@ import os
 import posixpath
 import tarfile
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from dalle_ds.data import storage
 from dalle_ds.data.shards import INPUT_IMAGE_EXTS
@@ -108,19 +108,38 @@ def known_count(sources: list[Source]) -> int | None:
     return sum(len(_folder_groups(s)) for s in sources)
 
 
-def iter_items(sources: list[Source], image_column: str | None, caption_column: str | None) -> Iterator[Item]:
-    index = 0
-    for s in sources:
-        if s.kind == "folder":
-            gen = _folder_items(s)
-        elif s.kind == "table":
-            gen = _table_items(s.url, image_column, caption_column)
-        else:
-            gen = (it for url, _ in s.files for it in _tar_items(url))
-        for item in gen:
-            item.index = index
-            index += 1
-            yield item
+def iter_items(sources: list[Source], image_column: str | None, caption_column: str | None,
+               start: Cursor | None = None, on_unit: Callable[[Cursor], None] | None = None) -> Iterator[Item]:
+    """Every input sample in order, indexed from 0. Units (an image of a folder, a tar, a table)
+    are the steps a resume can start at without reading what came before: ``start`` = the
+    :data:`Cursor` of the unit to begin with, ``on_unit`` is told each unit's cursor as it begins."""
+    first_source, first_unit, index = start or (0, 0, 0)
+    for si, s in enumerate(sources):
+        if si < first_source:
+            continue
+        skip = first_unit if si == first_source else 0
+        for ui, gen in enumerate(_units(s, image_column, caption_column, skip), start=skip):
+            if on_unit is not None:
+                on_unit((si, ui, index))
+            for item in gen:
+                item.index = index
+                index += 1
+                yield item
+
+
+Cursor = tuple  # (source index, unit index within it, global index of the unit's first sample)
+
+
+def _units(s: Source, image_column: str | None, caption_column: str | None, skip: int) -> Iterator[Iterator[Item]]:
+    if s.kind == "folder":
+        for url, caption in _folder_groups(s)[skip:]:
+            yield iter([_folder_item(url, caption)])
+    elif s.kind == "table":
+        if skip == 0:
+            yield _table_items(s.url, image_column, caption_column)
+    else:
+        for url, _ in s.files[skip:]:
+            yield _tar_items(url)
 
 
 # ---------------------------------------------------------------- folders
@@ -146,12 +165,10 @@ def _folder_groups(s: Source) -> list[tuple[str, str | None]]:
     return sorted(groups)
 
 
-def _folder_items(s: Source) -> Iterator[Item]:
-    for url, caption in _folder_groups(s):
-        if url.lower().endswith(".txt"):
-            yield Item(0, url, None, None, reason="missing_image", detail="caption file without an image")
-        else:
-            yield Item(0, url, url, caption, caption_is_url=caption is not None)
+def _folder_item(url: str, caption: str | None) -> Item:
+    if url.lower().endswith(".txt"):
+        return Item(0, url, None, None, reason="missing_image", detail="caption file without an image")
+    return Item(0, url, url, caption, caption_is_url=caption is not None)
 
 
 # ---------------------------------------------------------------- tables

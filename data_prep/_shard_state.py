@@ -131,6 +131,8 @@ class ResumeState:
         self.drops: collections.Counter = collections.Counter()  # since the last record
         self.n_rejects = 0  # since the last record
         self.hashes: list[str] = []  # of the open shard's samples (at most --samples-per-shard)
+        self.cursor: tuple | None = None  # where a resume starts reading (_shard_inputs.Cursor)
+        self.units: collections.deque = collections.deque()  # cursors of the units begun, not yet passed
         tag = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
         self.seen = SeenHashes(local_state_path(out, "dedupe.sqlite"), tag)
         self.spool_path = local_state_path(out, "rejects.open.jsonl")
@@ -149,6 +151,7 @@ class ResumeState:
             record.pop("hashes", None)
             state.records.append(record)
             state.next_item = record["next_item"]
+            state.cursor = tuple(record["cursor"]) if record.get("cursor") else None
         state.progress.remove_temps(f"{prefix}-[0-9]*.tar")
         if n := storage.abort_multipart_uploads(out):  # a killed run's shard upload: invisible but billed
             print(f"{out}: aborted {n} incomplete multipart upload(s) of an earlier run")
@@ -167,16 +170,26 @@ class ResumeState:
     def keep(self, pixel_hash: str) -> None:
         self.hashes.append(pixel_hash)
 
+    def unit_begins(self, cursor: tuple) -> None:
+        self.units.append(cursor)
+
+    def _cursor_at(self, index: int) -> tuple | None:
+        """The cursor of the unit holding sample ``index`` (the last unit begun at or before it)."""
+        while len(self.units) >= 2 and self.units[1][2] <= index:
+            self.units.popleft()
+        return tuple(self.units[0]) if self.units and self.units[0][2] <= index else self.cursor
+
     def finish(self, writer: ShardWriter, next_item: int) -> None:
+        cursor = self._cursor_at(next_item)
         self.spool.close()
         if self.n_rejects:
             storage.upload_file(self.spool_path, self._rejects_url(writer.name))
         self.seen.commit(self.shard_index + 1)
-        record = self.progress.finish(writer, {"next_item": next_item, "drops": dict(self.drops),
+        record = self.progress.finish(writer, {"next_item": next_item, "cursor": cursor, "drops": dict(self.drops),
                                                "rejects": self.n_rejects, "hashes": self.hashes})
         record.pop("hashes")
         self.records.append(record)
-        self.next_item = next_item
+        self.next_item, self.cursor = next_item, cursor
         self.drops, self.n_rejects, self.hashes = collections.Counter(), 0, []
         self.spool = open(self.spool_path, "w", encoding="utf-8")
 

@@ -48,7 +48,6 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from tqdm import tqdm  # noqa: E402
 
-from dalle_ds.cli_args import Parser, run
 from dalle_ds.config import at_least  # noqa: E402
 from dalle_ds.data import storage  # noqa: E402
 from dalle_ds.data.shards import (  # noqa: E402
@@ -65,7 +64,7 @@ FORMAT = "dalle-ds/image-shards/1"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = Parser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", help="folders, tables (.tsv/.csv/.jsonl), tars; local or s3://")
     p.add_argument("--output", required=True, help="output folder or s3://bucket/prefix/")
     p.add_argument("--samples-per-shard", type=at_least(1), default=10000)
@@ -131,7 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
     if state.records:
         print(f"resuming after {len(state.records)} finished shard(s) at input {state.next_item}"
               + (f" of {total}" if total is not None else ""))
-    items = (it for it in iter_items(sources, args.image_column, args.caption_column) if it.index >= state.next_item)
+    # a resume starts at the unit (tar, table, image) holding the next sample: what came before is not read
+    items = (it for it in iter_items(sources, args.image_column, args.caption_column, start=state.cursor,
+                                     on_unit=state.unit_begins) if it.index >= state.next_item)
     tqdm.monitor_interval = 0  # no monitor thread: the worker pool forks
     bar = tqdm(total=total, initial=state.next_item, unit="img", smoothing=0.05, mininterval=0.5,
                disable=args.no_progress, desc="shard_corpus")
@@ -280,4 +281,4 @@ def _finalise(out: str, state: ResumeState, config: dict, fp: str, n_items: int)
 
 
 if __name__ == "__main__":
-    raise SystemExit(run(main))
+    main()

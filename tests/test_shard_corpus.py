@@ -453,3 +453,33 @@ def test_part_comes_from_the_slurm_array(monkeypatch):
     assert shard_corpus._array_part(0, 2) == (0, 2)  # explicit flags win
     with pytest.raises(SystemExit, match="need 0 <= part < num_parts"):
         shard_corpus._array_part(3, 2)
+
+
+def test_resume_does_not_reread_consumed_tars(tmp_path, monkeypatch):
+    """A resume starts at the tar holding the next sample: consumed tars are not opened again
+    (here they are overwritten with zeros of the same size, which a re-read would notice)."""
+    wds = tmp_path / "wds"
+    wds.mkdir()
+    for t in range(4):
+        with tarfile.open(wds / f"{t:05d}.tar", "w") as tar:
+            for i in range(5):
+                for name, data in ((f"{t}{i:08d}.jpg", _jpeg(_noise(100 * t + i, 64, 64))),
+                                   (f"{t}{i:08d}.txt", f"tar {t} sample {i}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    args = ["--input", str(wds), "--samples-per-shard", "4", "--workers", "1", *SMALL]
+    reference = shard_corpus.main([*args, "--output", str(tmp_path / "ref")])
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 13)  # shards 0-2 (12 samples) finished: tars 0 and 1 consumed, tar 2 begun
+        with pytest.raises(KeyboardInterrupt):
+            shard_corpus.main([*args, "--output", str(out)])
+    record = json.loads((out / "_progress" / "shard-000002.tar.json").read_text())
+    assert record["next_item"] == 12 and record["cursor"] == [0, 2, 10]  # tar 2, whose first sample is 10
+    for t in (0, 1):
+        p = wds / f"{t:05d}.tar"
+        p.write_bytes(bytes(p.stat().st_size))
+    assert shard_corpus.main([*args, "--output", str(out)]) == reference
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes()
+                                                               for p in (tmp_path / "ref").iterdir()}
