@@ -125,7 +125,9 @@ def finalize(out: str, num_parts: int, fmt: str, reasons: tuple[str, ...]) -> di
     storage.upload_file(rej.name, storage.join(out, "rejects.jsonl"))
     os.remove(rej.name)
     config = {"num_parts": num_parts, "parts": [m["config"] for m in manifests]}
-    manifest = build_manifest(fmt, "data_prep/shard_corpus.py --finalize", shards, drops, "rejects.jsonl", config, fp)
+    modified = {"caption_truncated": sum(m.get("modified", {}).get("caption_truncated", 0) for m in manifests)}
+    manifest = build_manifest(fmt, "data_prep/shard_corpus.py --finalize", shards, drops, "rejects.jsonl", config, fp,
+                              modified=modified)
     expected = sum(m["inputs"] for m in manifests)
     if manifest["inputs"] != expected:
         raise RuntimeError(f"internal error: merged inputs {manifest['inputs']} != parts' inputs {expected}")

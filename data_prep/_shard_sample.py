@@ -28,6 +28,7 @@ DROP_REASONS = (
     "missing_caption",
     "caption_not_utf8",
     "caption_too_short",
+    "caption_too_long",  # longer than max_caption_bytes with long_caption="drop"
     "read_error",  # the image file / S3 object / tar cannot be read
     "empty_file",
     "file_too_large",
@@ -52,6 +53,8 @@ class SampleConfig:
     max_pixels: int = 1 << 26  # width*height above this -> decompression_bomb
     max_file_bytes: int = 64 << 20
     jpeg_quality: int = 95
+    max_caption_bytes: int = 2048  # UTF-8 bytes after whitespace normalisation (the prior reads 256 tokens)
+    long_caption: str = "truncate"  # or "drop": what happens to a longer caption (either way counted)
 
 
 @dataclass
@@ -77,6 +80,7 @@ class Outcome:
     txt: bytes = b""
     meta: dict | None = None
     pixel_hash: str = ""
+    truncated: bool = False  # the caption was cut to max_caption_bytes
 
 
 class Drop(Exception):
@@ -90,7 +94,7 @@ def process(item: Item, cfg: SampleConfig) -> Outcome:
     try:
         if item.reason:
             raise Drop(item.reason, item.detail)
-        caption = _caption(item, cfg)
+        caption, truncated = _long_caption(_caption(item, cfg), cfg)
         data = _image_bytes(item, cfg)
         rgb, width, height, mode = _decode(data, cfg)
         pixel_hash = _pixel_hash(rgb)
@@ -98,7 +102,7 @@ def process(item: Item, cfg: SampleConfig) -> Outcome:
     except Drop as d:
         return Outcome(item.index, item.source, d.reason, d.detail)
     meta = {"source": item.source, "width": width, "height": height, "mode": mode, "pixel_hash": pixel_hash}
-    return Outcome(item.index, item.source, None, "", jpg, caption.encode("utf-8"), meta, pixel_hash)
+    return Outcome(item.index, item.source, None, "", jpg, caption.encode("utf-8"), meta, pixel_hash, truncated)
 
 
 def process_batch(items: list[Item], cfg: SampleConfig) -> list[Outcome]:
@@ -110,6 +114,19 @@ def process_batch(items: list[Item], cfg: SampleConfig) -> list[Outcome]:
 
 def normalise_caption(text: str) -> str:
     return " ".join(text.replace("\ufeff", " ").split())
+
+
+def _long_caption(text: str, cfg: SampleConfig) -> tuple[str, bool]:
+    """(caption, truncated): a caption over ``max_caption_bytes`` is dropped or cut at the last
+    whole word that fits (a single longer word: at the last whole character)."""
+    data = text.encode("utf-8")
+    if len(data) <= cfg.max_caption_bytes:
+        return text, False
+    if cfg.long_caption == "drop":
+        raise Drop("caption_too_long", f"{len(data)} bytes > {cfg.max_caption_bytes}")
+    cut = data[: cfg.max_caption_bytes + 1].decode("utf-8", errors="ignore")
+    head = cut.rsplit(" ", 1)[0] if " " in cut else cut[:-1]
+    return head.encode("utf-8")[: cfg.max_caption_bytes].decode("utf-8", errors="ignore").rstrip(), True
 
 
 def _caption(item: Item, cfg: SampleConfig) -> str:

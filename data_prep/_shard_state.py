@@ -130,6 +130,7 @@ class ResumeState:
         self.next_item = 0
         self.drops: collections.Counter = collections.Counter()  # since the last record
         self.n_rejects = 0  # since the last record
+        self.truncated = 0  # kept samples whose caption was cut, since the last record
         self.hashes: list[str] = []  # of the open shard's samples (at most --samples-per-shard)
         self.cursor: tuple | None = None  # where a resume starts reading (_shard_inputs.Cursor)
         self.units: collections.deque = collections.deque()  # cursors of the units begun, not yet passed
@@ -167,8 +168,9 @@ class ResumeState:
         self.spool.write(json.dumps({"index": o.index, "source": o.source, "reason": o.reason,
                                      "detail": o.detail}, ensure_ascii=False) + "\n")
 
-    def keep(self, pixel_hash: str) -> None:
+    def keep(self, pixel_hash: str, truncated: bool = False) -> None:
         self.hashes.append(pixel_hash)
+        self.truncated += truncated
 
     def unit_begins(self, cursor: tuple) -> None:
         self.units.append(cursor)
@@ -186,11 +188,12 @@ class ResumeState:
             storage.upload_file(self.spool_path, self._rejects_url(writer.name))
         self.seen.commit(self.shard_index + 1)
         record = self.progress.finish(writer, {"next_item": next_item, "cursor": cursor, "drops": dict(self.drops),
-                                               "rejects": self.n_rejects, "hashes": self.hashes})
+                                               "rejects": self.n_rejects, "truncated": self.truncated,
+                                               "hashes": self.hashes})
         record.pop("hashes")
         self.records.append(record)
         self.next_item, self.cursor = next_item, cursor
-        self.drops, self.n_rejects, self.hashes = collections.Counter(), 0, []
+        self.drops, self.n_rejects, self.hashes, self.truncated = collections.Counter(), 0, [], 0
         self.spool = open(self.spool_path, "w", encoding="utf-8")
 
     def _rejects_url(self, name: str) -> str:

@@ -75,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-aspect", type=at_least(1, float), default=2.0,
                    help="drop images with long/short side above this")
     p.add_argument("--min-caption-words", type=at_least(1), default=2)
+    p.add_argument("--max-caption-bytes", type=at_least(1), default=2048,
+                   help="captions longer than this (UTF-8 bytes, after whitespace normalisation) are cut or dropped")
+    p.add_argument("--long-captions", choices=("truncate", "drop"), default="truncate",
+                   help="truncate (at a word boundary; counted as caption_truncated) or drop (caption_too_long)")
     p.add_argument("--max-pixels", type=at_least(1), default=1 << 26, help="decompression-bomb cap on width*height")
     p.add_argument("--max-file-mb", type=float, default=64.0)
     p.add_argument("--jpeg-quality", type=int, default=95)
@@ -103,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint  # workers inherit it; never written anywhere
     cfg = SampleConfig(image_size=args.image_size, min_size=args.min_size, max_aspect=args.max_aspect,
                        min_caption_words=args.min_caption_words, max_pixels=args.max_pixels,
-                       max_file_bytes=int(args.max_file_mb * (1 << 20)), jpeg_quality=args.jpeg_quality)
+                       max_file_bytes=int(args.max_file_mb * (1 << 20)), jpeg_quality=args.jpeg_quality,
+                       max_caption_bytes=args.max_caption_bytes, long_caption=args.long_captions)
     config = {"inputs": args.input, "samples_per_shard": args.samples_per_shard, "prefix": args.prefix,
               "image_column": args.image_column, "caption_column": args.caption_column, **asdict(cfg)}
 
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
                 writer = ShardWriter(out, shard_name(args.prefix, state.shard_index))
             writer.add(f"{outcome.index:09d}",
                        {"jpg": outcome.jpg, "txt": outcome.txt, "json": meta_bytes(outcome.meta)})
-            state.keep(outcome.pixel_hash)
+            state.keep(outcome.pixel_hash, outcome.truncated)
             if writer.count == args.samples_per_shard:
                 state.finish(writer, next_item=n_items)
                 writer = None
@@ -268,7 +273,9 @@ def _tars(out: str) -> list[str]:
 def _finalise(out: str, state: ResumeState, config: dict, fp: str, n_items: int) -> dict:
     state.write_rejects(storage.join(out, "rejects.jsonl"))
     drops = count_drops(DROP_REASONS, *(r["drops"] for r in state.records), state.drops)
-    manifest = build_manifest(FORMAT, "data_prep/shard_corpus.py", state.records, drops, "rejects.jsonl", config, fp)
+    modified = {"caption_truncated": sum(r.get("truncated", 0) for r in state.records) + state.truncated}
+    manifest = build_manifest(FORMAT, "data_prep/shard_corpus.py", state.records, drops, "rejects.jsonl", config, fp,
+                              modified=modified)
     if manifest["inputs"] != n_items:
         raise RuntimeError(f"internal error: kept {manifest['samples']} + dropped {sum(drops.values())} "
                            f"!= inputs {n_items}")

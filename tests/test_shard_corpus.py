@@ -483,3 +483,26 @@ def test_resume_does_not_reread_consumed_tars(tmp_path, monkeypatch):
     assert shard_corpus.main([*args, "--output", str(out)]) == reference
     assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes()
                                                                for p in (tmp_path / "ref").iterdir()}
+
+
+def test_a_ten_mib_caption_is_truncated_or_dropped_and_counted(tmp_path):
+    from data_prep._shard_sample import SampleConfig, _long_caption
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"{i}.jpg").write_bytes(_jpeg(_noise(300 + i, 64, 64)))
+        (corpus / f"{i}.txt").write_text(f"an ordinary caption {i}")
+    (corpus / "1.txt").write_text("many words " * (1 << 20))  # 11 MiB
+    base = ["--input", str(corpus), "--workers", "1", *SMALL]
+    m = shard_corpus.main([*base, "--output", str(tmp_path / "t")])
+    assert m["samples"] == 3 and m["modified"] == {"caption_truncated": 1}
+    long = [f["txt"] for f in read_shards(tmp_path / "t").values() if f["txt"].startswith(b"many")][0]
+    assert 2040 <= len(long) <= 2048 and long.endswith(b"words")  # cut at a word boundary
+    m = shard_corpus.main([*base, "--output", str(tmp_path / "d"), "--long-captions", "drop",
+                           "--max-caption-bytes", "100"])
+    assert m["samples"] == 2 and m["dropped"]["caption_too_long"] == 1 and m["modified"]["caption_truncated"] == 0
+    cfg = SampleConfig(max_caption_bytes=7)
+    assert _long_caption("ab cdéfg hij", cfg) == ("ab", True)  # 'é' is 2 bytes: "ab cdéf" would be 8
+    assert _long_caption("abcdéfghij", cfg) == ("abcdéf", True)  # one long word: whole characters
+    assert _long_caption("short", cfg) == ("short", False)
