@@ -55,7 +55,7 @@ from dalle_ds.data.shards import (  # noqa: E402
 )
 from data_prep._shard_parts import finalize, part_folder, split_sources  # noqa: E402
 from data_prep._shard_state import ResumeState, shard_name  # noqa: E402
-from data_prep._shard_inputs import discover, fingerprint, iter_items, known_count  # noqa: E402
+from data_prep._shard_inputs import Source, discover, fingerprint, iter_items, known_count  # noqa: E402
 from data_prep._shard_sample import (  # noqa: E402
     DROP_REASONS, Item, Outcome, SampleConfig, meta_bytes, process, process_batch,
 )
@@ -116,11 +116,15 @@ def main(argv: list[str] | None = None) -> dict:
     part, num_parts = _array_part(args.part, args.num_parts)
     if args.finalize:
         return finalize(out, num_parts, FORMAT, DROP_REASONS)
-    sources = discover(args.input)
     if num_parts > 1:  # this machine's contiguous share of the inputs, in its own sub-folder
-        sources = split_sources(sources, part, num_parts)
         out = part_folder(out, part)
         config.update(part=part, num_parts=num_parts)
+    sources = _cached_listing(out, config)  # an unfinished job goes on with the listing it began with
+    listed = sources is None
+    if listed:
+        sources = discover(args.input)
+        if num_parts > 1:
+            sources = split_sources(sources, part, num_parts)
     fp = fingerprint(sources)
     job = {"config": config, "input_fingerprint": fp}
     done = _check_output(out, config, fp, args.overwrite)
@@ -129,6 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{storage.join(out, MANIFEST)}: already complete ({done['samples']} samples, "
               f"{len(done['shards'])} shards); nothing to do")
         return done
+    if listed:
+        storage.write_json_atomic(storage.join(Progress(out).folder, LISTING),
+                                  {"config": config, "sources": [[s.kind, s.url, s.files] for s in sources]})
 
     state = ResumeState.load(out, args.prefix, job)
     total = known_count(sources)
@@ -248,6 +255,22 @@ def _check_output(out: str, config: dict, fp: str, overwrite: bool) -> dict | No
             storage.remove(storage.join(out, name))
     progress.claim(mine)
     return None
+
+
+LISTING = "listing.json"
+
+
+def _cached_listing(out: str, config: dict) -> list[Source] | None:
+    """The input listing an unfinished job with this config recorded (``_progress/listing.json``):
+    a resume neither lists the inputs again nor sees files added since the job began."""
+    url = storage.join(Progress(out).folder, LISTING)
+    if not storage.exists(url):
+        return None
+    cached = storage.read_json(url)
+    if cached.get("config") != config:
+        return None
+    print(f"{url}: inputs as listed when this job began")
+    return [Source(kind, src, [(f, int(n)) for f, n in files]) for kind, src, files in cached["sources"]]
 
 
 def _array_part(part: int | None, num_parts: int | None) -> tuple[int, int]:

@@ -506,3 +506,21 @@ def test_a_ten_mib_caption_is_truncated_or_dropped_and_counted(tmp_path):
     assert _long_caption("ab cdéfg hij", cfg) == ("ab", True)  # 'é' is 2 bytes: "ab cdéf" would be 8
     assert _long_caption("abcdéfghij", cfg) == ("abcdéf", True)  # one long word: whole characters
     assert _long_caption("short", cfg) == ("short", False)
+
+
+def test_resume_uses_the_listing_cached_when_the_job_began(tmp_path, monkeypatch, capsys):
+    make_corpus(tmp_path / "corpus", n_good=8)
+    args = ["--input", str(tmp_path / "corpus"), "--samples-per-shard", "3", "--workers", "1", *SMALL]
+    reference = shard_corpus.main([*args, "--output", str(tmp_path / "ref")])
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 10)
+        with pytest.raises(KeyboardInterrupt):
+            shard_corpus.main([*args, "--output", str(out)])
+    assert (out / "_progress" / "listing.json").is_file()
+    (tmp_path / "corpus" / "zz" / "added-later.jpg").write_bytes(_jpeg(_noise(999, 64, 64)))
+    (tmp_path / "corpus" / "zz" / "added-later.txt").write_text("a file added after the job began")
+    capsys.readouterr()
+    assert shard_corpus.main([*args, "--output", str(out)]) == reference  # not listed again: same inputs
+    assert "inputs as listed when this job began" in capsys.readouterr().out
+    assert not (out / "_progress").exists()
