@@ -10,9 +10,11 @@ order, by the caller from the returned pixel hash.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -29,6 +31,7 @@ DROP_REASONS = (
     "caption_not_utf8",
     "caption_too_short",
     "caption_too_long",  # longer than max_caption_bytes with long_caption="drop"
+    "caption_boilerplate",  # matches one of SampleConfig.boilerplate (e.g. "IMG 1234", "stock photo")
     "read_error",  # the image file / S3 object / tar cannot be read
     "empty_file",
     "file_too_large",
@@ -39,6 +42,16 @@ DROP_REASONS = (
     "undecodable",  # truncated or corrupt image data
     "unsupported_mode",
     "duplicate",  # same pixels as an earlier kept sample
+)
+
+
+# Captions that say nothing about the image (camera file names, stock-site boilerplate); searched
+# case-insensitively in the normalised caption. --boilerplate-pattern adds, --no-default-boilerplate clears.
+DEFAULT_BOILERPLATE = (
+    r"^(an? |the )?(image|photo|picture|img|dsc|dcim|untitled|screenshot|thumbnail)s?"
+    r"([\s_-]*(\d+|image|photo|picture))*(\.(jpe?g|png|gif|webp))?$",
+    r"\b(royalty[- ]free|all rights reserved|stock (photo|image|illustration|vector)s?)\b",
+    r"^(click|tap) (here|to)\b",
 )
 
 
@@ -55,6 +68,7 @@ class SampleConfig:
     jpeg_quality: int = 95
     max_caption_bytes: int = 2048  # UTF-8 bytes after whitespace normalisation (the prior reads 256 tokens)
     long_caption: str = "truncate"  # or "drop": what happens to a longer caption (either way counted)
+    boilerplate: tuple[str, ...] = DEFAULT_BOILERPLATE  # regexes; a caption matching one is dropped
 
 
 @dataclass
@@ -152,7 +166,15 @@ def _caption(item: Item, cfg: SampleConfig) -> str:
         raise Drop("missing_caption", "empty caption")
     if len(text.split()) < cfg.min_caption_words:
         raise Drop("caption_too_short", f"{text!r} has < {cfg.min_caption_words} words")
+    for pattern in _compiled(cfg.boilerplate):
+        if pattern.search(text):
+            raise Drop("caption_boilerplate", f"{text[:200]!r} matches {pattern.pattern!r}")
     return text
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(patterns: tuple[str, ...]) -> list[re.Pattern]:
+    return [re.compile(p, re.IGNORECASE) for p in patterns]
 
 
 # ---------------------------------------------------------------- images

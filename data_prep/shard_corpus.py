@@ -57,7 +57,7 @@ from data_prep._shard_parts import finalize, part_folder, split_sources  # noqa:
 from data_prep._shard_state import ResumeState, shard_name  # noqa: E402
 from data_prep._shard_inputs import Source, discover, fingerprint, iter_items, known_count  # noqa: E402
 from data_prep._shard_sample import (  # noqa: E402
-    DROP_REASONS, Item, Outcome, SampleConfig, meta_bytes, process, process_batch,
+    DEFAULT_BOILERPLATE, DROP_REASONS, Item, Outcome, SampleConfig, meta_bytes, process, process_batch,
 )
 
 FORMAT = "dalle-ds/image-shards/1"
@@ -79,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="captions longer than this (UTF-8 bytes, after whitespace normalisation) are cut or dropped")
     p.add_argument("--long-captions", choices=("truncate", "drop"), default="truncate",
                    help="truncate (at a word boundary; counted as caption_truncated) or drop (caption_too_long)")
+    p.add_argument("--boilerplate-pattern", action="append", default=[], metavar="REGEX",
+                   help="drop captions matching this (case-insensitive search; repeatable) as caption_boilerplate")
+    p.add_argument("--no-default-boilerplate", action="store_true",
+                   help="do not use the built-in boilerplate patterns (_shard_sample.DEFAULT_BOILERPLATE)")
     p.add_argument("--max-pixels", type=at_least(1), default=1 << 26, help="decompression-bomb cap on width*height")
     p.add_argument("--max-file-mb", type=float, default=64.0)
     p.add_argument("--jpeg-quality", type=int, default=95)
@@ -108,9 +112,12 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = SampleConfig(image_size=args.image_size, min_size=args.min_size, max_aspect=args.max_aspect,
                        min_caption_words=args.min_caption_words, max_pixels=args.max_pixels,
                        max_file_bytes=int(args.max_file_mb * (1 << 20)), jpeg_quality=args.jpeg_quality,
-                       max_caption_bytes=args.max_caption_bytes, long_caption=args.long_captions)
+                       max_caption_bytes=args.max_caption_bytes, long_caption=args.long_captions,
+                       boilerplate=(() if args.no_default_boilerplate else DEFAULT_BOILERPLATE)
+                       + tuple(args.boilerplate_pattern))
     config = {"inputs": args.input, "samples_per_shard": args.samples_per_shard, "prefix": args.prefix,
               "image_column": args.image_column, "caption_column": args.caption_column, **asdict(cfg)}
+    config["boilerplate"] = list(cfg.boilerplate)  # as JSON holds it, so a re-run compares equal
 
     out = args.output.rstrip("/")
     part, num_parts = _array_part(args.part, args.num_parts)

@@ -524,3 +524,22 @@ def test_resume_uses_the_listing_cached_when_the_job_began(tmp_path, monkeypatch
     assert shard_corpus.main([*args, "--output", str(out)]) == reference  # not listed again: same inputs
     assert "inputs as listed when this job began" in capsys.readouterr().out
     assert not (out / "_progress").exists()
+
+
+def test_boilerplate_captions_are_dropped_and_counted(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    captions = ["IMG_1234.JPG", "Royalty free stock photo of a cat", "a photo of a red cat", "my own words here",
+                "picture perfect sunset over the sea"]
+    for i, c in enumerate(captions):
+        (corpus / f"{i}.jpg").write_bytes(_jpeg(_noise(400 + i, 64, 64)))
+        (corpus / f"{i}.txt").write_text(c)
+    base = ["--input", str(corpus), "--workers", "1", *SMALL, "--min-caption-words", "1"]
+    m = shard_corpus.main([*base, "--output", str(tmp_path / "a")])
+    assert m["samples"] == 3 and m["dropped"]["caption_boilerplate"] == 2
+    assert shard_corpus.main([*base, "--output", str(tmp_path / "a")]) == m  # a re-run finds it complete
+    m = shard_corpus.main([*base, "--output", str(tmp_path / "b"), "--no-default-boilerplate",
+                           "--boilerplate-pattern", r"\bown words\b"])
+    assert m["samples"] == 4 and m["dropped"]["caption_boilerplate"] == 1
+    rejects = [json.loads(x) for x in (tmp_path / "b" / "rejects.jsonl").read_text().splitlines()]
+    assert rejects[0]["reason"] == "caption_boilerplate" and "own words" in rejects[0]["detail"]
