@@ -40,7 +40,7 @@ require TOKENIZER "the text tokenizer JSON from data_prep/train_text_tokenizer.p
 require SLURM_JOB_ID "not inside a SLURM job: submit this script with sbatch"
 
 CONFIG=${CONFIG:-paper}
-DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_fp16_v100.json}
+DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_fp16_v100_16bit.json}  # 16-bit regime for V100-16GB; zero3_fp16_v100.json: fp32 masters
 RUN_DIR=${RUN_DIR:-runs/prior}
 args=(run.dir="$RUN_DIR" powersgd.node_size="${SLURM_NTASKS_PER_NODE%%(*}"
       data.token_shards="$TOKEN_SHARDS" data.tokenizer="$TOKENIZER")

@@ -114,3 +114,25 @@ def test_flex_matches_dense_forward_and_backward_on_cuda(kind):
         torch.testing.assert_close(out, ref_out, rtol=2e-3, atol=2e-3)
         for g, rg in zip(grads, ref_grads):
             torch.testing.assert_close(g, rg, rtol=2e-3, atol=2e-3)
+
+
+def test_flex_refuses_cuda_below_sm80_naming_the_evidence(monkeypatch):
+    """V100 (sm_70): FlexAttention's Triton kernels have no tensor-core path below sm_80 (#14)."""
+    from dalle_ds.models import attention
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla V100-SXM2-16GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 0))
+    with pytest.raises(RuntimeError, match=r"sm_70.*triton-lang/triton#5066.*model.attention=sparse"):
+        build_backend("flex", "row", 3, 4, 3)
+    attention.check_flex_device("cpu")  # CPU: nothing to check
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    build_backend("flex", "row", 3, 4, 3)  # A100 and newer: allowed
+
+
+def test_paper_preset_uses_sparse_attention_and_16bit_branches():
+    from dalle_ds.config import load_config
+
+    cfg = load_config("paper")
+    assert cfg.model.attention == "sparse" and cfg.precision.branch_dtype == "float16"

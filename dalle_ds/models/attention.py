@@ -15,7 +15,8 @@ outputs and gradients (tests/test_attention.py):
   (query, key) pair of the dense mask lies in a window, so the result is exact for any mask in
   which the image sees all the text and that is causal in the chosen order.
 - ``flex``   ``torch.nn.attention.flex_attention`` with a block mask built from the same mask
-  (compiled on CUDA; on CPU it runs eager, forward only).
+  (compiled on CUDA, sm_80 or newer: refused on Volta/Turing, see :func:`check_flex_device`; on CPU
+  it runs eager, forward only).
 
 Backends hold masks as plain tensors (not buffers: they are derived from the config, never
 checkpointed) cached per device. ``backend.mask`` is the dense (S, S) mask for a KV-cache sampler.
@@ -266,10 +267,41 @@ def _flex_fn(device: torch.device):
     return _compiled_flex
 
 
+FLEX_MIN_CAPABILITY = (8, 0)
+
+
+def check_flex_device(device: torch.device | str | None = None) -> None:
+    """Refuse FlexAttention on a CUDA GPU below sm_80 (V100 is sm_70, T4 sm_75).
+
+    FlexAttention runs only through Triton kernels, and Triton dropped the pre-Ampere tensor-core
+    (MMAv1) path, falling back to FMA below compute capability 8.0 (triton-lang/triton#5066); on V100
+    flex_attention was measured ~10x slower than SDPA (meta-pytorch/attention-gym#21), and flash
+    attention does not support sm_70 (Dao-AILab/flash-attention#148). ``sparse`` (cuBLAS GEMMs, fp16
+    tensor cores on sm_70) is exact and is the paper preset's backend; ``dense`` is the fallback.
+    ``device=None``: the current CUDA device when CUDA is available, else nothing to check.
+    """
+    if device is None:
+        if not torch.cuda.is_available():
+            return
+        device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    cap = torch.cuda.get_device_capability(device)
+    if cap < FLEX_MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        raise RuntimeError(
+            f"model.attention='flex': {name} is sm_{cap[0]}{cap[1]}; FlexAttention's Triton kernels have no "
+            f"tensor-core path below sm_80 (triton-lang/triton#5066; ~10x slower than SDPA on V100, "
+            f"meta-pytorch/attention-gym#21): use model.attention=sparse (exact, cuBLAS) or dense")
+
+
 class FlexAttention:
-    """FlexAttention with a block mask built from the dense mask (one per device)."""
+    """FlexAttention with a block mask built from the dense mask (one per device). On CUDA it needs
+    sm_80 or newer (:func:`check_flex_device`, checked at construction and per device at the first call)."""
 
     def __init__(self, mask: Tensor):
+        check_flex_device()
         self.mask = mask
         self._dev = _PerDevice(mask=mask)
         self._block_masks: dict[torch.device, object] = {}
@@ -284,6 +316,7 @@ class FlexAttention:
             def mask_mod(b, h, q_idx, kv_idx):
                 return m[q_idx, kv_idx]
 
+            check_flex_device(device)
             self._block_masks[device] = create_block_mask(mask_mod, None, None, s, s, device=str(device))
         return self._block_masks[device]
 
