@@ -76,10 +76,13 @@ class DataConfig:
     validation_fraction: float = 0.0  # token shards held out (by name hash) for the prior's validation loss
     validation_shards: str = ""  # or: separate token shards for it (then validation_fraction must be 0)
     token_views: int = 0  # augmented views per image to use from the token shards: 0 = all the manifest has
+    max_bad_fraction: float = 0.001  # corrupt samples are skipped and counted; more than this fraction: an error
 
     def validate(self, p: str = "data") -> None:
         _require(self.image_size >= 8, f"{p}.image_size", self.image_size, "must be >= 8")
         _require(0.0 <= self.bpe_dropout < 1.0, f"{p}.bpe_dropout", self.bpe_dropout, "must be in [0, 1)")
+        _require(0.0 <= self.max_bad_fraction < 1.0, f"{p}.max_bad_fraction", self.max_bad_fraction,
+                 "must be in [0, 1)")
         _require(self.num_workers >= 0, f"{p}.num_workers", self.num_workers, "must be >= 0")
         _require(self.shuffle_buffer >= 0, f"{p}.shuffle_buffer", self.shuffle_buffer, "must be >= 0")
         _require(0.0 <= self.validation_fraction < 1.0, f"{p}.validation_fraction",

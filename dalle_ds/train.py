@@ -171,7 +171,8 @@ def build_loader(cfg: Config):
     return TokenShardLoader(train_spec, cfg.optim.micro_batch_size, tokenizer=tokenizer,
                             views=token_views(cfg.data.token_shards), use_views=cfg.data.token_views,
                             grid=m.image_grid, codebook_size=m.image_vocab_size, bpe_dropout=cfg.data.bpe_dropout,
-                            num_workers=cfg.data.num_workers, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+                            num_workers=cfg.data.num_workers, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                            max_bad_fraction=cfg.data.max_bad_fraction)
 
 
 def build_prior_engine(cfg: Config, ds_config: dict, mode: str, hierarchy_kwargs: dict[str, Any]) -> Engine:

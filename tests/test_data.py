@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -451,3 +452,28 @@ def test_image_loader_checks_the_manifest_like_token_loaders(tmp_path, monkeypat
     (out / "manifest.json").write_text(json.dumps({"format": "dalle-ds/token-shards/1", "shards": []}))
     with pytest.raises(ValueError, match="these are token shards"):
         ImageShardLoader(str(out), **kw)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_corrupt_samples_are_skipped_and_counted_up_to_max_bad_fraction(tmp_path, num_workers):
+    """A real corrupt member (truncated JPEG) in a real shard: skipped, counted, the batches stay full
+    and every good sample comes once; with max_bad_fraction=0 (the default) it is an error naming it."""
+    keys = write_image_shards(tmp_path, [6, 7])
+    bad_key = "s01i003"
+    path = tmp_path / "shard-000001.tar"
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(path, "w") as tar:
+        for m, data in members:
+            if m.name == f"{bad_key}.jpg":
+                data = data[: len(data) // 3]  # truncated: the header parses, the pixels do not
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    kw = dict(batch_size=4, mode="eval", size=16, num_workers=num_workers, infinite=False, shuffle=False)
+    loader = ImageShardLoader(str(tmp_path), max_bad_fraction=0.1, **kw)
+    batches = list(loader)
+    got = [k for b in batches for k in b["keys"]]
+    assert sorted(got) == sorted(k for k in keys if k != bad_key)
+    assert [len(b["keys"]) for b in batches][:2] == [4, 4] and loader.samples_bad == 1
+    with pytest.raises(ShardError, match=rf"1 of \d+ samples .*max_bad_fraction=0.0; latest: .*{bad_key}"):
+        list(ImageShardLoader(str(tmp_path), **kw))

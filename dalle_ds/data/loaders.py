@@ -214,13 +214,40 @@ class _SlotDataset(IterableDataset):
         slot = self.rank * self.workers + worker
         epoch, pos = self.start[worker]
         batch: list[tuple[dict, int]] = []
+        bad: list[str] = []  # reasons of the samples skipped since the last batch
+        seen = 0
         for sample, sample_epoch, epoch_after, pos_after in self.samples(slot, epoch, pos):
             batch.append((sample, sample_epoch))
+            seen += 1
             if len(batch) == self.batch_size:
-                yield {**self.decode(batch), "_worker": worker, "_epoch": epoch_after, "_pos": pos_after}
-                batch = []
-        if batch:
-            yield {**self.decode(batch), "_worker": worker, "_epoch": epoch_after, "_pos": pos_after}
+                out, batch = _decode_skipping_bad(self.decode, batch, bad)
+                if out is None:  # bad samples left the batch: fill it up from the stream
+                    continue
+                yield {**out, "_worker": worker, "_epoch": epoch_after, "_pos": pos_after, "_bad": bad, "_seen": seen}
+                batch, bad, seen = [], [], 0
+        while batch:
+            out, batch = _decode_skipping_bad(self.decode, batch, bad)
+            if out is not None:
+                yield {**out, "_worker": worker, "_epoch": epoch_after, "_pos": pos_after, "_bad": bad, "_seen": seen}
+                break
+
+
+def _decode_skipping_bad(decode, batch: list[tuple[dict, int]], bad: list[str]):
+    """(decoded batch, []) or, when some samples cannot be decoded, (None, the good ones) with the
+    bad ones' reasons appended to ``bad``. Only the failure path decodes samples one by one."""
+    try:
+        return decode(batch), []
+    except ShardError:
+        good = []
+        for item in batch:
+            try:
+                decode([item])
+                good.append(item)
+            except ShardError as e:
+                bad.append(str(e))
+        if len(good) == len(batch):  # not one sample's fault
+            raise
+        return None, good
 
 
 # ---------------------------------------------------------------- the loaders
@@ -232,7 +259,9 @@ class ShardLoader:
     def __init__(self, shards: str | list[str], batch_size: int, *, rank: int | None = None,
                  world_size: int | None = None, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
                  shuffle_buffer: int = 1000, infinite: bool = True, prefetch_factor: int = 2,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, max_bad_fraction: float = 0.0):
+        if not 0.0 <= max_bad_fraction < 1.0:
+            raise ValueError(f"max_bad_fraction={max_bad_fraction}: must be in [0, 1)")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
         if num_workers < 0:
@@ -249,6 +278,8 @@ class ShardLoader:
         self.slots_per_rank = max(1, num_workers)
         self._workers = [(0, 0)] * self.slots_per_rank  # per logical worker: (epoch, samples consumed)
         self._next_worker = 0
+        # corrupt samples are skipped and counted (this process's lifetime); past this fraction: an error
+        self.max_bad_fraction, self.samples_seen, self.samples_bad = max_bad_fraction, 0, 0
 
     # -- subclasses
     def decode_batch(self, batch: list[tuple[dict, int]]) -> dict[str, Any]:
@@ -266,11 +297,20 @@ class ShardLoader:
         start_epoch = min(e for e, _ in self._workers)
         for batch in loader:
             worker = batch.pop("_worker")
+            self._count_bad(batch.pop("_bad"), batch.pop("_seen"))
             self._workers[worker] = (batch.pop("_epoch"), batch.pop("_pos"))
             self._next_worker = (worker + 1) % self.slots_per_rank
             yield self.finish_batch(batch)
         if not self.infinite:  # a completed finite pass: the next iter() is the next epoch
             self.set_epoch(start_epoch + 1)
+
+    def _count_bad(self, reasons: list[str], seen: int) -> None:
+        self.samples_seen += seen
+        self.samples_bad += len(reasons)
+        # judged over at least 1000 samples, so that one bad sample early on is not a rate of 1/k
+        if reasons and self.samples_bad > self.max_bad_fraction * max(self.samples_seen, 1000):
+            raise ShardError(f"{self.samples_bad} of {self.samples_seen} samples read could not be decoded, more than "
+                             f"max_bad_fraction={self.max_bad_fraction}; latest: {reasons[-1]}")
 
     @property
     def epoch(self) -> int:
