@@ -227,28 +227,28 @@ def _run(scaler: precision.BlockScaler, overflow_at: dict[int, list[int]], steps
 def test_update_rule_growth_backoff_hysteresis_clamps_and_state():
     cfg = PrecisionConfig()
     s = precision.BlockScaler(4, cfg, data_parallel_size=2)
-    assert s.scales == [2 * 2.0**13] * 4  # M * 2^13
+    assert s.scales == [2.0**13] * 4  # 2^13 with A = 1 accumulation step: M = 2 ranks moves nothing (#15)
 
     # Growth: 1000 finite updates double every scale.
     assert _run(s, {}, 1000) == [False] * 1000
-    assert s.log2_scale.tolist() == pytest.approx([1 + 14.0] * 4)
+    assert s.log2_scale.tolist() == pytest.approx([14.0] * 4)
 
     # Back-off: overflow in branch 1 -> / sqrt(2), step skipped; others keep growing.
     assert _run(s, {1000: [1]}, 1) == [True]
-    assert float(s.log2_scale[1]) == pytest.approx(14.5) and float(s.log2_scale[0]) == pytest.approx(15.001)
+    assert float(s.log2_scale[1]) == pytest.approx(13.5) and float(s.log2_scale[0]) == pytest.approx(14.001)
 
     # Hysteresis: another overflow within 125 updates skips but does not decrease ...
     _run(s, {1000 + 124: [1]}, 124)
-    assert s.updates == 1125 and float(s.log2_scale[1]) == pytest.approx(14.5 + 123 / 1000)
+    assert s.updates == 1125 and float(s.log2_scale[1]) == pytest.approx(13.5 + 123 / 1000)
     assert s.skipped == 2
     # ... 125 updates after the last decrease it may decrease again.
     _run(s, {1125: [1]}, 1)
-    assert float(s.log2_scale[1]) == pytest.approx(14.5 + 123 / 1000 - 0.5)
+    assert float(s.log2_scale[1]) == pytest.approx(13.5 + 123 / 1000 - 0.5)
 
-    # Clamps: [M*2^7, M*2^24].
+    # Clamps: [A*2^7, A*2^24].
     s2 = precision.BlockScaler(2, PrecisionConfig(backoff_hysteresis=0, backoff_log2=4.0), data_parallel_size=2)
     _run(s2, {k: [0] for k in range(10)}, 10)
-    assert float(s2.log2_scale[0]) == 1 + 7.0
+    assert float(s2.log2_scale[0]) == 7.0
     s3 = precision.BlockScaler(1, PrecisionConfig(init_scale_log2=23.9995), data_parallel_size=1)
     _run(s3, {}, 5)
     assert s3.scales == [2.0**24]
@@ -260,10 +260,18 @@ def test_update_rule_growth_backoff_hysteresis_clamps_and_state():
     plan = {s.updates + 3: [1, 2], s.updates + 10: [1]}
     assert _run(s, plan, 20) == _run(r, plan, 20)
     assert torch.equal(s.log2_scale, r.log2_scale) and s.state_dict() == r.state_dict()
-    # Another number of ranks M shifts the scales by log2(M'/M); another model is refused.
+    # Another number of ranks M changes nothing; other accumulation steps A shift by log2(A'/A);
+    # a pre-#15 state (scales offset by log2 M, no grad_accum_steps) is shifted down by log2 M.
     r4 = precision.BlockScaler(4, cfg, data_parallel_size=4)
     r4.load_state_dict(s.state_dict())
-    assert torch.allclose(r4.log2_scale, s.log2_scale + 1)
+    assert torch.equal(r4.log2_scale, s.log2_scale)
+    a4 = precision.BlockScaler(4, cfg, data_parallel_size=2, grad_accum_steps=4)
+    a4.load_state_dict(s.state_dict())
+    assert torch.allclose(a4.log2_scale, s.log2_scale + 2) and a4.max_log2 == 26.0
+    old = {k: v for k, v in s.state_dict().items() if k != "grad_accum_steps"}
+    old["log2_scale"] = [v + 1 for v in old["log2_scale"]]  # written by M = 2 before #15
+    r4.load_state_dict(old)
+    assert torch.allclose(r4.log2_scale, s.log2_scale)
     with pytest.raises(ValueError, match="n_branches=4"):
         precision.BlockScaler(6, cfg).load_state_dict(s.state_dict())
 

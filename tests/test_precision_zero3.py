@@ -85,7 +85,7 @@ def test_zero3_fp16_block_scaling_tracks_fp32_and_skips_together():
     diffs = [abs(a - b) for a, b in zip(fp16["losses"], fp32["losses"])]
     assert max(diffs) < LOSS_TOL, (fp16["losses"], fp32["losses"])
     assert fp16["losses"][4] < fp16["losses"][0] - 0.05  # same batch, 4 updates later
-    assert fp16["scaler"]["log2_scale"] == pytest.approx([1.0 + 13 + STEPS / 1000] * 4)  # M = 2: start 2 * 2^13, grown
+    assert fp16["scaler"]["log2_scale"] == pytest.approx([13 + STEPS / 1000] * 4)  # A = 1: start 2^13 at any M, grown
 
     # An overflow on rank 1 only: both ranks skip that update (flags all-reduced), the parameters
     # do not move, only mlp00's scale backs off, and the following update is applied.
@@ -97,5 +97,5 @@ def test_zero3_fp16_block_scaling_tracks_fp32_and_skips_together():
         assert s["stats"]["precision/skipped_step_rate"] == 1 / (SKIP_AT + 2)
     assert results[0]["skip"]["scaler"] == results[1]["skip"]["scaler"]
     scales = results[0]["skip"]["scaler"]["log2_scale"]
-    assert abs(scales[1] - (14 + SKIP_AT / 1000 - 0.5 + 1 / 1000)) < 1e-9
-    assert abs(scales[0] - (14 + (SKIP_AT + 2) / 1000)) < 1e-9
+    assert abs(scales[1] - (13 + SKIP_AT / 1000 - 0.5 + 1 / 1000)) < 1e-9
+    assert abs(scales[0] - (13 + (SKIP_AT + 2) / 1000)) < 1e-9

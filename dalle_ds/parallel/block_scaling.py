@@ -48,9 +48,26 @@ into that DeepSpeed config. Consequences:
 Forward overflow (an Inf in a branch output) is not something a gradient scale can fix; it shows up as
 a non-finite loss and every branch flags, so the step is skipped and all scales back off.
 
-The scale's factor M (data-parallel ranks) follows the paper, whose per-rank gradients were 1/M of the
-global-batch gradient. Here the unscaling happens per rank before DeepSpeed averages, so per-rank
-gradient magnitudes do not depend on M; the factor only moves the start and the clamps up by log2(M).
+Initial scale and clamps: what each rank actually scales (#15). The paper starts every scale at
+M·2^13 and clamps it to [M·2^7, M·2^24], M = data-parallel GPUs: each of its GPUs backpropagated
+its local mean loss divided by M (the gradients were then *summed* across GPUs), so the gradient
+entering a branch on one GPU was (1/M)·∂ℓ_local/∂y, and the scaled value the fp16 branch saw was
+
+    S_paper · (1/M) · ∂ℓ_local/∂y = 2^13 · ∂ℓ_local/∂y          (at the initial scale).
+
+Here each rank backpropagates its local mean loss divided by A, the gradient-accumulation steps
+(DeepSpeed's ``backward`` scales by 1/A; the ranks are *averaged* afterwards, with the unscaled
+gradients), so the gradient entering a branch is (1/A)·∂ℓ_local/∂y, whatever M is. The same scaled
+value, 2^13·∂ℓ_local/∂y, needs S·(1/A) = 2^13, i.e.
+
+    S_0 = A·2^13,   S ∈ [A·2^7, A·2^24]   (``precision.init/min/max_scale_log2`` + log2 A).
+
+M does not appear. The pre-#15 rule, M·2^13 with this per-rank mean, started a 1024-rank run at 2^23
+with a floor of 2^17, above fp16's 2^16 maximum: almost every branch overflowed and the hysteresis
+let each scale back off one √2 per 125 updates, so the run skipped hundreds of steps before the
+first update. ``data_parallel_size`` is still accepted (logged, checkpointed) but moves no scale;
+:func:`install` reads A from the engine. A checkpoint of the old format (scales offset by log2 M)
+is shifted back on load.
 """
 
 from __future__ import annotations
@@ -85,18 +102,21 @@ class BlockScaler:
     """
 
     def __init__(self, n_branches: int, cfg: PrecisionConfig, data_parallel_size: int = 1,
-                 group: Any = None):
+                 group: Any = None, grad_accum_steps: int = 1):
         if n_branches < 1:
             raise ValueError(f"n_branches={n_branches}: must be >= 1")
         if data_parallel_size < 1:
             raise ValueError(f"data_parallel_size={data_parallel_size}: must be >= 1")
+        if grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps={grad_accum_steps}: must be >= 1")
         self.cfg = cfg
         self.n_branches = n_branches
-        self.data_parallel_size = data_parallel_size
+        self.data_parallel_size = data_parallel_size  # informational: the scales do not depend on it
+        self.grad_accum_steps = grad_accum_steps
         self.group = group  # process group for agreeing on overflow flags (None: WORLD)
-        m = math.log2(data_parallel_size)
-        self.min_log2, self.max_log2 = m + cfg.min_scale_log2, m + cfg.max_scale_log2
-        self.log2_scale = torch.full((n_branches,), m + cfg.init_scale_log2, dtype=torch.float64)
+        a = math.log2(grad_accum_steps)  # S = A * 2^k (module docstring)
+        self.min_log2, self.max_log2 = a + cfg.min_scale_log2, a + cfg.max_scale_log2
+        self.log2_scale = torch.full((n_branches,), a + cfg.init_scale_log2, dtype=torch.float64)
         self.last_decrease = torch.full((n_branches,), -(10**9), dtype=torch.int64)
         self.overflow_counts = torch.zeros(n_branches, dtype=torch.int64)
         self.updates = 0
@@ -180,10 +200,22 @@ class BlockScaler:
             out[f"precision/overflows/{branch_name(i)}"] = float(self.overflow_counts[i])
         return out
 
+    def set_grad_accum_steps(self, grad_accum_steps: int) -> None:
+        """Rescale for ``grad_accum_steps`` = A (every scale and clamp moves by log2(A_new / A_old))."""
+        if grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps={grad_accum_steps}: must be >= 1")
+        shift = math.log2(grad_accum_steps) - math.log2(self.grad_accum_steps)
+        self.grad_accum_steps = grad_accum_steps
+        self.min_log2 += shift
+        self.max_log2 += shift
+        self.log2_scale = (self.log2_scale + shift).clamp_(self.min_log2, self.max_log2)
+        self._refresh()
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "n_branches": self.n_branches,
             "data_parallel_size": self.data_parallel_size,
+            "grad_accum_steps": self.grad_accum_steps,
             "log2_scale": self.log2_scale.tolist(),
             "last_decrease": self.last_decrease.tolist(),
             "overflow_counts": self.overflow_counts.tolist(),
@@ -192,12 +224,16 @@ class BlockScaler:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore; a run resumed with a different number of data-parallel ranks M shifts every scale
-        by log2(M_new / M_old), as the paper's M-proportional scale implies."""
+        """Restore; a run resumed with other accumulation steps A shifts every scale by log2(A_new / A_old)
+        (the number of ranks does not matter). A pre-#15 state (scales offset by log2 M, no
+        ``grad_accum_steps``) is shifted down by log2 M_old."""
         if int(state["n_branches"]) != self.n_branches:
             raise ValueError(f"block scaler state has n_branches={state['n_branches']}, this model has "
                              f"{self.n_branches} (2 x model.n_layers): the checkpoint is from another model")
-        shift = math.log2(self.data_parallel_size) - math.log2(int(state["data_parallel_size"]))
+        if "grad_accum_steps" in state:
+            shift = math.log2(self.grad_accum_steps) - math.log2(int(state["grad_accum_steps"]))
+        else:
+            shift = math.log2(self.grad_accum_steps) - math.log2(int(state["data_parallel_size"]))
         self.log2_scale = (torch.tensor(state["log2_scale"], dtype=torch.float64) + shift).clamp_(
             self.min_log2, self.max_log2)
         self.last_decrease = torch.tensor(state["last_decrease"], dtype=torch.int64)
@@ -310,13 +346,15 @@ def attach(model: torch.nn.Module, cfg: PrecisionConfig, data_parallel_size: int
     model.set_branch_fn(attachment)
     scaler._attachment = attachment  # keeps the hooks' owner alive; used by detach()
     print0(f"precision: fp16 branches with {scaler.n_branches} block scales, start 2^{float(scaler.log2_scale[0]):.2f}"
-           f" in [2^{scaler.min_log2:.2f}, 2^{scaler.max_log2:.2f}], M={data_parallel_size}")
+           f" in [2^{scaler.min_log2:.2f}, 2^{scaler.max_log2:.2f}] (A={scaler.grad_accum_steps}; independent"
+           f" of the {data_parallel_size} ranks)")
     return scaler
 
 
 def install(engine: Any, scaler: BlockScaler) -> None:
     """Hook the scaler into a :class:`dalle_ds.parallel.engine.Engine`: at every accumulation boundary the
     agreed overflow flags vote to skip the update, and the scales are updated after the step."""
+    scaler.set_grad_accum_steps(engine.spec.grad_accum_steps)  # S = A * 2^13 (module docstring)
     engine.before_step.append(lambda eng: scaler.check_overflow())
     engine.after_step.append(lambda eng, applied: scaler.update())
 
