@@ -85,6 +85,7 @@ def main() -> None:
     p.add_argument("--before-samples", type=int, nargs="+", default=None,
                    help="sizes to run the --before-root version at (default: --samples)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bench-shard-memory"))
+    p.add_argument("--record-suffix", default="", help="appended to the record's name (e.g. _1m for a separate run)")
     args = p.parse_args()
     inputs = args.workdir / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,7 @@ def main() -> None:
         if not (inputs / f"part-{part:05d}.tar").exists():
             make_tar(inputs / f"part-{part:05d}.tar", part)
     roots = {"after": REPO} | ({"before": args.before_root.resolve()} if args.before_root else {})
-    with Recorder("shard_memory") as rec:
+    with Recorder("shard_memory" + args.record_suffix) as rec:
         for n in args.samples:
             tars = [inputs / f"part-{k:05d}.tar" for k in range(-(-n // PER_TAR))]
             for label, root in roots.items():
