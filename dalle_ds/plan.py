@@ -1,18 +1,26 @@
 """Memory and communication planner for the prior under ZeRO-3-in-a-node + PowerSGD-across-nodes.
 
-    python -m dalle_ds.plan --config dalle_ds/configs/paper.yaml --nodes 128 --gpus-per-node 8 \\
-        --gpu-memory 16GB [--powersgd-rank 896] [--node-size 8] [--layout deepspeed|paper]
+    python -m dalle_ds.plan --config paper --ds-config zero3_fp16_v100_16bit.json --nodes 128 \
+        --gpus-per-node 8 --gpu-memory 16GB [--powersgd-rank 896] [--node-size 8] [--reserve 1GiB]
 
-Memory per GPU (bytes; N parameters, g = ranks a parameter is sharded over, b = micro-batch):
-  layout "deepspeed" (this project on DeepSpeed, fp16/bf16): fp16 params 2N/g, fp16 grads 2N/g,
-      fp32 master 4N/g, fp32 Adam m and v 8N/g  (16 B/param); PowerSGD adds fp32 error buffers
-      (4 B per compressed element / g) and its fixed Q matrices.
-  layout "paper" (App. D/E): 16-bit params, 16-bit gradients accumulated in the error buffers and
-      16-bit Adam moments (8 B/param); gains, biases, embeddings and unembeddings fp32 (16 B/param).
-  activations, per-resblock checkpointing: the fp32 residual stream at the input of each of the 2L
-      resblocks (2L x b x S x d x 4), plus one resblock recomputed at a time (the larger of the MLP
-      hidden activations and dense attention scores, with gradients), plus fp32 logits and their
-      gradients, plus the fp16 parameters of two gathered layers (ZeRO-3 prefetch).
+It plans the regime ``train.py`` runs (#14): :func:`regime_of` resolves the preset + DeepSpeed JSON +
+cluster shape with train.py's own functions (``resolve_mode`` = block_scaling.resolve_ds_config plus the
+16-bit rule, engine.build_optimizer's AdamW / AdamW16 choice on a meta-device prior, the one-node PowerSGD
+rule). Memory per GPU, itemised (bytes; g = node size, every parameter padded to g partitions):
+  model state (:func:`model_state_bytes`, checked against the live engine by tests/test_plan_engine.py):
+      parameter partitions (storage dtype), whole copies of parameters under the persistence threshold,
+      separate master partitions (none when the master has the storage dtype: DeepSpeed aliases it,
+      deepspeed_internals.alias_master_partitions), gradient partitions, optimizer state (torch AdamW: m, v
+      in the master dtype; AdamW16: bf16 m, v, and fp32 master + m + v for the fp32 set), PowerSGD's fp32
+      error buffers (the compressed row block of each shard) and its fixed Q matrices.
+  activations (:func:`activation_bytes`): the residual stream at each layer's input (the prior
+      checkpoints per layer, in the storage dtype), one layer recomputed with its saves (sparse attention:
+      probabilities and key/value windows) and the residual gradients, fp32 logits + gradients, fp32
+      copies of the heads' weights (16-bit storage).
+  buffers (:func:`buffer_bytes`): gathered parameters (a layer, capped by stage3_max_live_parameters,
+      plus the prefetch bucket), autocast's 16-bit weight copies of one branch, the ipg reduce bucket,
+      the optimizer step's sub-group gradient copy.
+FITS when total x 1.05 (fragmentation) + --reserve (context, NCCL, cuBLAS, unexposed memory) <= --gpu-memory.
 Communication per optimizer step and GPU (payload, i.e. the tensor sizes handed to the collectives):
   intra-node (ZeRO-3, each micro-batch): all-gather of fp16 params in forward and again in backward,
       reduce-scatter of fp16 grads: 3 x 2N x (g-1)/g sent per GPU per micro-batch.
@@ -36,6 +44,7 @@ from dalle_ds.parallel.powersgd import FP32_BYTES, compressed_bytes, split_rows,
 
 GiB = 1024**3
 GB = 1e9
+DEFAULT_DS_CONFIG = "zero3_fp16_v100_16bit.json"
 PAPER_TABLE1 = [("2.8B", 1920, 512, 0.83), ("5.6B", 2688, 640, 0.85), ("12B", 3968, 896, 0.86)]
 
 
@@ -115,32 +124,259 @@ def communication(m: ModelConfig, g: int, nodes: int, rank: int, micro_steps: in
             "compression_rate": 1.0 - psgd / exact, "compression_rate_vs_fp16": 1.0 - psgd / (exact / 2)}
 
 
-def memory(m: ModelConfig, g: int, micro_batch: int, layout: str, rank: int | None) -> dict[str, float]:
-    """Bytes per GPU by component (see the module docstring for the model)."""
-    inv = inventory(m)
-    n = param_count(m)
-    n_exact = sum(x.numel for x in inv if x.exact)
-    n_mat = n - n_exact
-    if layout == "deepspeed":
-        states = {"fp16 params": 2 * n / g, "fp16 grads": 2 * n / g, "fp32 master": 4 * n / g,
-                  "fp32 Adam m+v": 8 * n / g}
-    elif layout == "paper":
-        states = {"params (16-bit; fp32 exact)": (2 * n_mat + 4 * n_exact) / g,
-                  "grads in error buffers": (2 * n_mat + 4 * n_exact) / g,
-                  "Adam m+v (16-bit; fp32 exact)": (4 * n_mat + 8 * n_exact) / g}
+# ---------------------------------------------------------------- the regime train.py runs (#14)
+
+
+@dataclass(frozen=True)
+class Regime:
+    """Everything that decides a rank's bytes, derived as ``train.py`` derives it (:func:`regime_of`)."""
+
+    mode: str  # resolve_mode: fp32 | bf16 | fp16 | fp16_block (fp32 master) | fp16_block16 (16-bit state)
+    optimizer: str  # engine.build_optimizer's choice: AdamW | AdamW16
+    storage: int  # bytes per element of DeepSpeed's parameter partitions (and of the residual stream)
+    master: int  # bytes of a separate master partition; 0 when DeepSpeed aliases it to the parameters
+    grad: int  # bytes per element of the gradient-partition buffer
+    moments: int  # optimizer state per element (m + v, + AdamW16's fp32 master for the fp32 set: see fp32set)
+    fp32set: int  # optimizer state per element of the paper's fp32 set (AdamW16: fp32 master + m + v = 12)
+    branch: int  # bytes of the branches' compute dtype (fp16/bf16 2, fp32 4)
+    persistence: int  # stage3_param_persistence_threshold: parameters this small stay whole on every rank
+    sub_group: int
+    reduce_bucket: int
+    prefetch: int
+    max_live: int
+    comm_copy: int  # bytes per element of a communication_data_type copy of the ipg bucket (0: none)
+    node_size: int
+    num_nodes: int
+    powersgd: PowerSGDConfig | None  # None when off, or with one node (nothing crosses nodes)
+    checkpointing: bool
+    attention: str
+    micro_batch: int
+
+
+def resolve_mode(ds_json: dict, precision) -> tuple[str, dict]:
+    """(mode, the JSON DeepSpeed gets) for a DeepSpeed JSON and the YAML's precision section: the same
+    resolution ``train.py`` runs (``block_scaling.resolve_ds_config`` plus the 16-bit regime rule)."""
+    from dalle_ds.parallel import block_scaling
+
+    mode, resolved = block_scaling.resolve_ds_config(ds_json, precision)
+    if mode == "bf16" and precision.branch_dtype == "float16" and precision.block_scaling:
+        mode = "fp16_block16"  # bf16 storage (16-bit regime), fp16 branches with block scales
+    return mode, resolved
+
+
+def _for_target_gpu(precision):
+    """Plans are for the cluster's GPUs: resolve fp16 JSONs as a GPU would (no CPU fp16 refusal)."""
+    from contextlib import contextmanager
+    from unittest import mock
+
+    from dalle_ds.parallel import block_scaling
+
+    @contextmanager
+    def ctx():
+        with mock.patch.object(block_scaling, "fp16_supported", lambda: True):
+            yield
+    return ctx()
+
+
+def regime_of(cfg, ds_json: dict, nodes: int, gpus_per_node: int, node_size: int | None = None) -> Regime:
+    """The regime ``train.py`` runs for preset ``cfg``, DeepSpeed JSON ``ds_json`` on the cluster shape:
+    the same resolvers (``resolve_mode``, ``engine.resolve_ds_config``, ``engine.build_optimizer``
+    on a meta-device model, ``hierarchy.is_enabled``, ``powersgd.build_averager``'s one-node rule)."""
+    from dalle_ds.parallel import hierarchy
+    from dalle_ds.parallel.engine import OptimSpec, build_optimizer, resolve_ds_config
+
+    world = nodes * gpus_per_node
+    hier = hierarchy.is_enabled(cfg.powersgd)
+    node_size = node_size or (cfg.powersgd.node_size or gpus_per_node if hier else world)
+    with _for_target_gpu(cfg.precision):
+        mode, resolved = resolve_mode(ds_json, cfg.precision)
+    resolved = resolve_ds_config(resolved, OptimSpec.from_optim(cfg.optim), world)
+    opt = build_optimizer(_meta_prior(cfg.model), OptimSpec.from_optim(cfg.optim), resolved,
+                          *_prior_predicates())
+    fp16 = resolved.get("fp16", {}).get("enabled", False)
+    bf16 = resolved.get("bf16", {})
+    storage = 2 if fp16 or bf16.get("enabled", False) else 4
+    aliased = storage == 4 or (bf16.get("enabled") and bf16.get("bf16_master_weights_and_grads")) or \
+        (fp16 and resolved["fp16"].get("fp16_master_weights_and_grads"))
+    master_dtype = storage if aliased else 4
+    grad = {"fp32": 4, "fp16": 2, "bf16": 2}.get(str(resolved.get("data_types", {}).get("grad_accum_dtype")),
+                                                  storage)
+    sixteen = type(opt).__name__ == "AdamW16"
+    z = resolved.get("zero_optimization", {})
+    comm = {"fp32": 4, "fp16": 2, "bf16": 2}.get(str(resolved.get("communication_data_type")), grad)
+    nodes_k = world // node_size
+    psgd = cfg.powersgd if cfg.powersgd.enabled and nodes_k > 1 else None
+    return Regime(mode=mode, optimizer=type(opt).__name__, storage=storage, master=0 if aliased else 4,
+                  grad=grad, moments=(4 if sixteen else 2 * master_dtype), fp32set=(12 if sixteen else 2 * master_dtype),
+                  branch=4 if mode == "fp32" else 2,
+                  persistence=int(z.get("stage3_param_persistence_threshold", 1e5)),
+                  sub_group=int(z.get("sub_group_size", 1e9)), reduce_bucket=int(z.get("reduce_bucket_size", 5e8)),
+                  prefetch=int(z.get("stage3_prefetch_bucket_size", 5e7)),
+                  max_live=int(z.get("stage3_max_live_parameters", 1e9)), comm_copy=comm if comm != grad else 0,
+                  node_size=node_size, num_nodes=nodes_k, powersgd=psgd,
+                  checkpointing=cfg.model.activation_checkpointing, attention=cfg.model.attention,
+                  micro_batch=cfg.optim.micro_batch_size)
+
+
+def _prior_predicates():
+    from dalle_ds.models.prior import keep_fp32, no_decay
+
+    return no_decay, keep_fp32
+
+
+def _meta_prior(m: ModelConfig):
+    """The prior's parameters (names, shapes) without memory: built on the meta device (the backend
+    does not change parameter shapes; ``dense`` builds there)."""
+    import dataclasses
+
+    import torch
+
+    from dalle_ds.models.prior import Prior
+
+    key = repr(m)
+    if key not in _META_PRIORS:
+        with torch.device("meta"):
+            _META_PRIORS[key] = Prior(dataclasses.replace(m, attention="dense"))
+    return _META_PRIORS[key]
+
+
+_META_PRIORS: dict[str, object] = {}
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    name: str
+    shape: tuple[int, ...]
+    fp32set: bool  # AdamW16's fp32-master groups (gains, biases, embeddings, heads)
+    exact: bool  # averaged exactly across nodes (hierarchy.default_exact)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def param_infos(m: ModelConfig) -> list[ParamInfo]:
+    from dalle_ds.parallel.hierarchy import default_exact
+
+    no_decay, keep_fp32 = _prior_predicates()
+    return [ParamInfo(name, tuple(p.shape), bool(no_decay(name, p) or keep_fp32(name, p)), default_exact(name, p))
+            for name, p in _meta_prior(m).named_parameters()]
+
+
+def model_state_bytes(infos: list[ParamInfo], r: Regime, local_rank: int = 0) -> dict[str, float]:
+    """Bytes of model state on the rank with index ``local_rank`` in its ZeRO-3 group, by item (the same
+    keys as :func:`dalle_ds.parallel.engine.model_state_bytes` measures on a live engine)."""
+    from dalle_ds.parallel.powersgd import effective_rank
+
+    g = r.node_size
+    out = dict.fromkeys(("params", "persistent", "master", "grads", "optimizer", "errors", "q"), 0.0)
+    qs: set[tuple[int, int]] = set()
+    for x in infos:
+        n = x.numel
+        part = -(-n // g)  # DeepSpeed pads every parameter to g equal partitions
+        out["params"] += part * r.storage
+        out["persistent"] += n * r.storage if n <= r.persistence else 0
+        out["master"] += part * r.master
+        out["grads"] += part * r.grad
+        out["optimizer"] += part * (r.fp32set if x.fp32set else r.moments)
+        if r.powersgd is None or x.exact:
+            continue
+        off = part * local_rank
+        valid = max(0, min(part, n - off))
+        width = math.prod(x.shape[1:]) if len(x.shape) >= 2 else max(1, n)
+        split = split_rows(off, valid, width) if valid else None
+        if split and worth_compressing(split, r.powersgd.rank, 2 if r.powersgd.comm_dtype != "float32" else 4,
+                                       r.powersgd.min_compression_numel):
+            out["errors"] += split.numel * FP32_BYTES  # (rows, C) fp32 error-feedback buffer, on the GPU
+            qs.add((width, effective_rank(r.powersgd.rank, split.rows, width)))
+    out["q"] = float(sum(c * k * FP32_BYTES for c, k in qs))  # fixed Q: one per (width, rank)
+    return out
+
+
+def _window(m: ModelConfig) -> int:
+    """The widest key window of the sparse path over the layer types (keys per image query block)."""
+    from dalle_ds.models.attention import BlockSparseAttention
+    from dalle_ds.models.masks import build_mask
+
+    kinds = ("row", "column", "conv")
+    return max(BlockSparseAttention(build_mask(k, m.text_len, m.image_grid, m.conv_kernel), m.text_len,
+                                    m.image_grid, transposed=(k == "column")).window for k in kinds)
+
+
+def activation_bytes(m: ModelConfig, r: Regime) -> dict[str, float]:
+    """Activations at the backward's peak, micro-batch ``r.micro_batch``: the residual stream saved at
+    each layer's input (the prior checkpoints per layer, in the storage dtype: the branches cast back to
+    it), one layer recomputed with its saves, the logits, and the heads' fp32 weight copies."""
+    b, s, d, t, n, h = r.micro_batch, m.seq_len, m.d_model, m.text_len, m.image_len, m.n_heads
+    a, bsd = r.branch, r.micro_batch * m.seq_len * m.d_model
+    if r.attention == "sparse":
+        w = _window(m)
+        attn = b * h * (t * t + n * (t + w)) * a + 2 * b * n * d * (w // m.image_grid) * a  # probs + K,V windows
+    elif r.attention == "dense":
+        attn = b * h * s * s * a  # probabilities (SDPA's math path; the efficient kernel keeps less)
     else:
-        raise ConfigError(f"layout={layout!r}: must be 'deepspeed' or 'paper'")
-    if rank and layout == "deepspeed":
-        q = sum(min(rank, w) * w * 4 for w in {x.cols for x in inv if not x.exact})  # one fixed Q per width
-        states["PowerSGD error buffers + Q"] = 4 * n_mat / g + q
-    b, s, d, a = micro_batch, m.seq_len, m.d_model, 2
-    mlp = 4 * b * s * m.mlp_ratio * d * a
-    attn = 2 * b * s * 3 * d * a + 2 * b * m.n_heads * s * s * a
-    acts = {"checkpointed residual stream (fp32)": 2 * m.n_layers * b * s * d * 4,
-            "one resblock recomputed": max(mlp, attn) + 4 * b * s * d * 4,
-            "fp32 logits + grads": 2 * b * (m.text_len * m.text_vocab_size + m.image_len * m.image_vocab_size) * 4,
-            "gathered fp16 params (2 layers)": 2 * (2 + 2 * m.mlp_ratio) * d * d * 2}
-    return {**states, **acts}
+        attn = b * h * s * 4  # flex: log-sum-exp only
+    # LN out, qkv, attention out (attn); LN out, fc out, GELU out (mlp): 14 bsd in the branch dtype,
+    # plus the fp32 gradient of the residual stream coming in and going out
+    layer = 14 * bsd * a + attn + 2 * bsd * 4
+    out = {"residual checkpoints (per layer)": m.n_layers * bsd * r.storage if r.checkpointing else 0.0,
+           "one layer recomputed (saves + dh)": layer * (1 if r.checkpointing else m.n_layers),
+           "fp32 logits + grads, fp32 h for the heads": 2 * b * (t * m.text_vocab_size + n * m.image_vocab_size) * 4
+           + bsd * 4,
+           "heads' fp32 weight copies": (m.text_vocab_size + m.image_vocab_size) * d * 4 if r.storage != 4 else 0.0}
+    return out
+
+
+def buffer_bytes(m: ModelConfig, r: Regime) -> dict[str, float]:
+    """DeepSpeed's and autocast's working buffers: gathered parameters (the live layer, capped by
+    stage3_max_live_parameters, plus the prefetch bucket), fp16 autocast copies of one branch's weights,
+    the ipg reduce bucket (+ a communication_data_type copy), the optimizer step's sub-group gradient copy."""
+    d, layer = m.d_model, (4 + 2 * m.mlp_ratio) * m.d_model ** 2
+    out = {"gathered params (live layer + prefetch)": (min(r.max_live, layer) + r.prefetch) * r.storage,
+           "autocast 16-bit weight copies (one branch)": 2 * m.mlp_ratio * d * d * 2 if r.branch == 2 else 0.0,
+           "ipg reduce bucket": r.reduce_bucket * (r.grad + r.comm_copy),
+           "step: sub-group gradient copy": min(r.sub_group, layer) * (r.master or r.storage)}
+    return out
+
+
+def memory_plan(cfg, ds_json: dict, nodes: int, gpus_per_node: int, node_size: int | None = None,
+                local_rank: int | None = 0) -> tuple[Regime, dict[str, dict[str, float]]]:
+    """(regime, {"model state": ..., "activations": ..., "buffers": ...}) bytes per GPU; ``local_rank``
+    None: the local rank with the most model state (PowerSGD's error buffers differ by shard)."""
+    r = regime_of(cfg, ds_json, nodes, gpus_per_node, node_size)
+    infos = param_infos(cfg.model)
+    if local_rank is None:
+        local_rank = max(range(r.node_size), key=lambda i: sum(model_state_bytes(infos, r, i).values()))
+    names = {"params": "parameter partitions", "persistent": "persistent small parameters (whole)",
+             "master": "separate master partitions", "grads": "gradient partitions",
+             "optimizer": "optimizer state (m, v; AdamW16: fp32 masters of the fp32 set)",
+             "errors": "PowerSGD error buffers (fp32, GPU)", "q": "PowerSGD fixed Q"}
+    state = {names[k]: v for k, v in model_state_bytes(infos, r, local_rank).items()}
+    return r, {"model state": state, "activations": activation_bytes(cfg.model, r), "buffers": buffer_bytes(cfg.model, r)}
+
+
+def memory_lines(cfg, ds_json: dict, ds_name: str, nodes: int, gpus_per_node: int, gpu_memory: float,
+                 reserve: float, node_size: int | None = None, margin: float = 0.05) -> tuple[list[str], bool]:
+    """The per-GPU memory breakdown of the regime train.py runs, and FITS / DOES NOT FIT: the total plus
+    ``reserve`` (CUDA context, NCCL, cuBLAS, what the GPU does not expose) plus a ``margin`` for the
+    allocator's fragmentation must stay within ``gpu_memory``. Every local rank is planned; the largest shown."""
+    r, worst = memory_plan(cfg, ds_json, nodes, gpus_per_node, node_size, local_rank=None)
+    total = sum(sum(v.values()) for v in worst.values())
+    need = total * (1 + margin) + reserve
+    fits = need <= gpu_memory
+    psgd = f"PowerSGD rank {r.powersgd.rank} across {r.num_nodes} nodes" if r.powersgd else "no PowerSGD"
+    out = [f"regime: DeepSpeed JSON {ds_name} -> mode {r.mode}, {r.optimizer}; storage {r.storage} B, grads {r.grad} B, "
+           f"separate master {r.master} B, optimizer {r.moments} B/elem (fp32 set {r.fp32set} B); ZeRO-3 over "
+           f"{r.node_size} GPUs, {psgd}; attention {r.attention}, micro-batch {r.micro_batch}, checkpointing "
+           f"{'per layer' if r.checkpointing else 'off'}",
+           f"per-GPU memory (largest of the {r.node_size} local ranks):"]
+    for part, items in worst.items():
+        out += [f"  {part}:"] + [f"    {k:<60} {v / GB:7.3f} GB" for k, v in items.items()]
+        out.append(f"    {'= ' + part:<60} {sum(items.values()) / GB:7.3f} GB")
+    out.append(f"  {'total':<62} {total / GB:7.3f} GB; +{100 * margin:.0f}% fragmentation + {reserve / GB:.2f} GB "
+               f"reserve = {need / GB:.2f} GB of {gpu_memory / GB:.2f} GB: "
+               + ("FITS" if fits else f"DOES NOT FIT (short by {(need - gpu_memory) / GB:.2f} GB)"))
+    return out, fits
 
 
 def parse_size(text: str) -> float:
@@ -153,27 +389,18 @@ def parse_size(text: str) -> float:
 
 
 def report(cfg_path: str, nodes: int, gpus_per_node: int, gpu_memory: float, rank: int, node_size: int,
-           micro_batch: int, grad_accum: int, layout: str, reserve: float,
-           model: ModelConfig | None = None) -> list[str]:
-    m = model or load_config(cfg_path).model
+           micro_batch: int, grad_accum: int, ds_config: str, reserve: float, cfg=None) -> list[str]:
+    cfg = cfg or load_config(cfg_path)
+    m = cfg.model
     n = param_count(m)
+    ds_path = _ds_config_path(ds_config)
+    ds_json = _load_json(ds_path)
     out = [f"model {cfg_path}: {m.n_layers} layers, d {m.d_model}: {n:,} parameters "
-           f"({n / 1e9:.2f}B); fp16 parameters {2 * n / GB:.1f} GB ({2 * n / GiB:.1f} GiB)",
-           f"cluster: {nodes} nodes x {gpus_per_node} GPUs of {gpu_memory / GiB:.0f} GiB; ZeRO-3 within "
-           f"{node_size} GPUs, replicas across {nodes * gpus_per_node // node_size}; micro-batch {micro_batch}, "
-           f"layout {layout}, {reserve / GiB:.1f} GiB reserved for the runtime"]
-    for g in sorted({1, 2, 4, 8, node_size} & set(range(1, gpus_per_node + 1)) | {node_size}):
-        parts = memory(m, g, micro_batch, layout, rank)
-        total = sum(parts.values()) + reserve
-        verdict = "fits" if total <= gpu_memory else "DOES NOT FIT"
-        out.append(f"  sharded {g:>2} ways: {total / GiB:6.1f} GiB per GPU -> {verdict}")
-        if g == node_size:
-            chosen, chosen_total = parts, total
-    out.append(f"per-GPU memory at node size {node_size}:")
-    out += [f"  {k:<38} {v / GiB:8.2f} GiB" for k, v in chosen.items()]
-    out.append(f"  {'total (+ reserve)':<38} {chosen_total / GiB:8.2f} GiB of {gpu_memory / GiB:.0f} GiB: "
-               + ("fits" if chosen_total <= gpu_memory else
-                  f"DOES NOT FIT (short by {(chosen_total - gpu_memory) / GiB:.1f} GiB)"))
+           f"({n / 1e9:.2f}B); 16-bit parameters {2 * n / GB:.1f} GB",
+           f"cluster: {nodes} nodes x {gpus_per_node} GPUs of {gpu_memory / GB:.2f} GB ({gpu_memory / GiB:.2f} GiB); "
+           f"replicas across {nodes * gpus_per_node // node_size}; micro-batch {micro_batch}"]
+    lines, _ = memory_lines(cfg, ds_json, ds_config, nodes, gpus_per_node, gpu_memory, reserve, node_size)
+    out += lines
     k = nodes * gpus_per_node // node_size
     c = communication(m, node_size, k, rank, grad_accum)
     out += [f"communication per step and GPU (payload; ring wire bytes in brackets), PowerSGD rank {rank}:",
@@ -192,19 +419,33 @@ def report(cfg_path: str, nodes: int, gpus_per_node: int, gpu_memory: float, ran
     return out
 
 
-def run_plan(cfg, world_size: int, node_size: int, layout: str = "deepspeed") -> list[str]:
+def run_plan(cfg, world_size: int, node_size: int, ds_json: dict | None = None, ds_name: str = "") -> list[str]:
     """The memory plan of one resolved config on ``world_size`` ranks in ZeRO-3 groups of ``node_size``
-    (the trainers' ``--dry-run``): bytes per rank by component, and the total."""
-    m, o = cfg.model, cfg.optim
-    rank = cfg.powersgd.rank if cfg.powersgd.enabled else None
-    parts = memory(m, node_size, o.micro_batch_size, layout, rank)
-    n = param_count(m)
+    (the trainers' ``--dry-run``): the regime, bytes per rank by item, and the total."""
+    o = cfg.optim
+    n = param_count(cfg.model)
     out = [f"plan: {n:,} parameters ({n / 1e9:.3f}B); {world_size} ranks, ZeRO-3 over {node_size}; "
            f"global batch {o.micro_batch_size} x {o.grad_accum_steps} x {world_size} = "
-           f"{o.micro_batch_size * o.grad_accum_steps * world_size}; per-rank memory ({layout} layout):"]
-    out += [f"  {k:<38} {v / GiB:8.3f} GiB" for k, v in parts.items()]
-    out.append(f"  {'total':<38} {sum(parts.values()) / GiB:8.3f} GiB")
+           f"{o.micro_batch_size * o.grad_accum_steps * world_size}"]
+    if ds_json is not None:
+        r, parts = memory_plan(cfg, ds_json, world_size // node_size, node_size, node_size)
+        out.append(f"  regime {r.mode} ({ds_name}), {r.optimizer}; per-rank memory:")
+        for items in parts.values():
+            out += [f"  {k:<60} {v / GiB:8.3f} GiB" for k, v in items.items()]
+        out.append(f"  {'total':<60} {sum(sum(v.values()) for v in parts.values()) / GiB:8.3f} GiB")
     return out
+
+
+def _ds_config_path(name: str) -> str:
+    from dalle_ds.cli_args import resolve_ds_config
+
+    return resolve_ds_config(name)
+
+
+def _load_json(path: str) -> dict:
+    from dalle_ds.parallel.engine import load_ds_config
+
+    return load_ds_config(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,9 +459,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--powersgd-rank", type=int, default=None, help="default: powersgd.rank of the config")
     ap.add_argument("--node-size", type=int, default=None, help="ZeRO-3 group size; default: gpus per node")
     ap.add_argument("--micro-batch", type=int, default=None, help="default: optim.micro_batch_size")
-    ap.add_argument("--layout", choices=["deepspeed", "paper"], default="paper",
-                    help="optimizer-state layout (see the module docstring)")
-    ap.add_argument("--reserve", default="0.5GiB", help="runtime reserve per GPU (CUDA context, fragmentation)")
+    ap.add_argument("--ds-config", "--deepspeed-config", dest="ds_config", default=DEFAULT_DS_CONFIG,
+                    help=f"the DeepSpeed JSON train.py gets (default {DEFAULT_DS_CONFIG}, slurm/train_prior.sh's)")
+    ap.add_argument("--reserve", default="1GiB", help="per GPU: CUDA context, NCCL, cuBLAS workspace, and what "
+                    "the GPU does not expose (a '16 GB' V100 exposes 15.78 GiB)")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
@@ -229,6 +471,10 @@ def main(argv: list[str] | None = None) -> int:
         print_config(cfg)
         return 0
     node_size = args.node_size or args.gpus_per_node
+    if args.micro_batch:  # the planned run's values, as overrides would set them
+        cfg.optim.micro_batch_size = args.micro_batch
+    if args.powersgd_rank:
+        cfg.powersgd.rank = args.powersgd_rank
     for name, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node), ("--node-size", node_size)):
         if value < 1:
             raise ConfigError(f"{name}={value}: must be >= 1")
@@ -237,8 +483,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"{args.nodes * args.gpus_per_node}")
     lines = report(args.config, args.nodes, args.gpus_per_node, parse_size(args.gpu_memory),
                    args.powersgd_rank or cfg.powersgd.rank, node_size,
-                   args.micro_batch or cfg.optim.micro_batch_size, cfg.optim.grad_accum_steps, args.layout,
-                   parse_size(args.reserve), model=cfg.model)
+                   args.micro_batch or cfg.optim.micro_batch_size, cfg.optim.grad_accum_steps, args.ds_config,
+                   parse_size(args.reserve), cfg=cfg)
     print("\n".join(lines))
     return 0
 

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print0(f"train --dry-run: config {args.config} valid; DeepSpeed JSON {ds_config_path}; inputs {found}")
         node = cfg.powersgd.node_size or launch.local_world_size
         print0("\n".join(run_plan(cfg, launch.world_size, node if cfg.powersgd.enabled or cfg.powersgd.hierarchical
-                                   else launch.world_size)))
+                                   else launch.world_size, load_ds_config(ds_config_path), ds_config_path)))
         return 0
     return train(cfg, ds_config_path)
 
@@ -104,9 +104,9 @@ def train(cfg: Config, ds_config_path: str, sample_hooks: list[SampleHook] | Non
         cross = f"PowerSGD rank {cfg.powersgd.rank}" if cfg.powersgd.enabled else "exact fp32"
         print0(f"train: ZeRO-3 inside nodes of {hierarchy.groups.node_size} ranks, {hierarchy.groups.num_nodes} nodes, "
                f"cross-node average: {cross}")
-    mode, ds_config = precision.resolve_ds_config(load_ds_config(ds_config_path), cfg.precision)
-    if mode == "bf16" and cfg.precision.branch_dtype == "float16" and cfg.precision.block_scaling:
-        mode = "fp16_block16"  # bf16 storage (16-bit regime), fp16 branches with block scales (#14)
+    from dalle_ds.plan import resolve_mode  # the planner resolves the regime with this same function
+
+    mode, ds_config = resolve_mode(load_ds_config(ds_config_path), cfg.precision)  # fp16_block16: 16-bit regime
     engine = build_prior_engine(cfg, ds_config, mode, hierarchy.engine_kwargs() if hierarchy else {})
     sched = prior_lr_schedule(cfg.optim)  # optim.schedule: plateau (paper) or cosine
     ckpt = Checkpointer.from_config(engine, cfg.run.dir, cfg.checkpoint)

@@ -266,3 +266,18 @@ def test_fetch_sub_module_signature_for_the_autocast_free_gather():
     assert getattr(fn, "_dalle_ds_no_autocast", False)
     assert list(inspect.signature(fn.__wrapped__).parameters) == ["self", "current_submodule", "forward"]
     assert ".wait()" in inspect.getsource(fn.__wrapped__)
+
+
+def test_create_fp32_partitions_row_for_the_aliased_master():
+    """alias_master_partitions relies on _create_fp32_partitions(self) comparing a partition's device with
+    ``self.device`` (a string in 0.19.8: never equal to a torch.device under torch 2.13)."""
+    import torch
+
+    stage3 = ds_internals.stage3_class()
+    original = ds_internals._ORIGINAL.get("_create_fp32_partitions", stage3._create_fp32_partitions)
+    assert list(inspect.signature(original).parameters) == ["self"]
+    assert ".device == self.device" in inspect.getsource(original)
+    assert torch.device("cpu") != "cpu"  # why the wrapper turns self.device into a torch.device
+    ds_internals.alias_master_partitions()
+    ds_internals.alias_master_partitions()  # idempotent
+    assert stage3._create_fp32_partitions is ds_internals._create_fp32_partitions_aliased

@@ -66,6 +66,15 @@ environment variable)                     ``arguments`` + ``_set_``         sets
                                           of the partitions)                autocast::prioritize"; gathers run with
                                                                             autocast off
                                                                             (``gather_params_outside_autocast``)
+``Stage3._create_fp32_partitions()``      stage3.py (compares a tensor's    one copy of the model state: the master
+(wrapped on the class; ``self.device``    device with the string            aliases the parameter partition when the
+turned into a ``torch.device`` during     ``self.device``)                  dtypes agree (``alias_master_partitions``)
+the call)
+``Stage3.fp16_partitioned_groups_flat``,  stage3.py ``_create_fp16_``       the planner's model-state bytes checked
+``.fp32_partitioned_groups_flat``,        ``partitions_with_defragmentation``  against the live engine (#14):
+``.grad_partitions_flat_buffer``,         ``_create_fp32_partitions``,       ``zero3_state_tensors``
+``.optimizer.state``, ``ds_persist``      ``__init__``; partition_
+(read)                                    parameters.py
 ZeRO-3 parameter attributes               deepspeed/runtime/zero/           sizes stored per rank, full shapes, shard
 ``ds_tensor``, ``ds_numel``,              partition_parameters.py           offsets (``is_partitioned``, ``full_shape``,
 ``ds_shape``, ``ds_id``,                  ``Init._convert_to_deepspeed_``   ``local_and_full_numel``, ``param_id``)
@@ -259,6 +268,29 @@ def shard_offset(opt: Any, p: Any) -> int:
     return p.partition_numel() * opt._get_param_partition_rank(p)
 
 
+def _create_fp32_partitions_aliased(self):
+    device = self.device
+    if isinstance(device, str):  # 'cpu' / 'cuda:0': torch 2.13's device == str is always False
+        self.device = torch.device(device)
+    try:
+        return _ORIGINAL["_create_fp32_partitions"](self)
+    finally:
+        self.device = device
+
+
+def alias_master_partitions() -> None:
+    """Let ZeRO-3 use the parameter partition as the master when both have the master dtype, as
+    DeepSpeed intends (``_create_fp32_partitions``: "we don't need another copy of the weights").
+    DeepSpeed 0.19.8 tests ``partition.device == self.device`` with ``self.device`` a string
+    ('cpu', 'cuda:0'), which torch 2.13 never finds equal, so every regime kept a second copy:
+    +4 B/param in fp32 mode (fp16 block scaling's fp32 master), +2 B/param in the 16-bit regime
+    (3.07 GB per GPU for the 12B model over 8 GPUs). Idempotent; before ``deepspeed.initialize``."""
+    stage3 = stage3_class()
+    if "_create_fp32_partitions" not in _ORIGINAL:
+        _ORIGINAL["_create_fp32_partitions"] = stage3._create_fp32_partitions
+        stage3._create_fp32_partitions = _create_fp32_partitions_aliased
+
+
 GradShardHook = Callable[[list, list[torch.Tensor]], None]
 _HOOK_ATTR = "_dalle_ds_partition_grads_hook"
 _ORIGINAL: dict[str, Any] = {}
@@ -366,3 +398,18 @@ def fp32_state_dict_from_zero_checkpoint(root: str, tag: str) -> dict[str, torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+
+
+def zero3_state_tensors(opt: Any, params: Any = ()) -> dict[str, list[torch.Tensor]]:
+    """The tensors holding a ZeRO-3 optimizer's model state on this rank, by kind (#14, planner check):
+    ``params`` (the 16/32-bit flat partitions), ``master`` (master partitions; the same storage as the
+    parameters when DeepSpeed aliases them), ``grads`` (the flat gradient-partition buffer),
+    ``optimizer`` (the client optimizer's state tensors with more than one element), ``persistent``
+    (full copies of parameters below ``stage3_param_persistence_threshold``, from ``params``)."""
+    opt_state = [t for st in opt.optimizer.state.values() for t in st.values()
+                 if isinstance(t, torch.Tensor) and t.numel() > 1]
+    return {"params": [t for t in opt.fp16_partitioned_groups_flat if t is not None],
+            "master": [t for t in opt.fp32_partitioned_groups_flat if t is not None],
+            "grads": [opt.grad_partitions_flat_buffer] if opt.grad_partitions_flat_buffer is not None else [],
+            "optimizer": opt_state,
+            "persistent": [p.data for p in params if getattr(p, "ds_persist", False)]}

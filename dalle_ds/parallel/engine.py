@@ -289,6 +289,29 @@ def local_and_total_numel(model: nn.Module) -> tuple[int, int]:
     return local, total
 
 
+def model_state_bytes(engine: Engine, averager: Any = None) -> dict[str, int]:
+    """Bytes of model state this rank holds in the live ZeRO-3 engine, by the planner's items
+    (:func:`dalle_ds.plan.model_state_bytes`): ``params``, ``master`` (0 when DeepSpeed aliases the
+    master to the parameter partition), ``grads``, ``optimizer`` (moments, AdamW16's fp32 masters),
+    ``persistent``, and with a PowerSGD ``averager`` its ``errors`` and ``q``. Each storage counts once."""
+    kinds = ds_internals.zero3_state_tensors(engine.optimizer, list(engine.model.parameters()))
+    if averager is not None:
+        kinds["errors"] = list(getattr(averager, "errors", {}).values())
+        kinds["q"] = list(getattr(averager, "qs", {}).values())
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, int] = {}
+    for kind in ("params", "persistent", "master", "grads", "optimizer", "errors", "q"):
+        total = 0
+        for t in kinds.get(kind, []):
+            key = (t.untyped_storage().data_ptr(), t.storage_offset())
+            if t.numel() == 0 or key in seen:
+                continue
+            seen.add(key)
+            total += t.numel() * t.element_size()
+        out[kind] = total
+    return out
+
+
 def _any_rank(flag: bool) -> bool:
     return any_rank(flag)  # on the backend's device (NCCL: CUDA)
 
@@ -323,6 +346,7 @@ def build_engine(model_factory: Callable[[], nn.Module], ds_config: str | Path |
 
     if zero_stage(resolved) == 3:
         ds_internals.gather_params_outside_autocast()  # bf16 partitions gathered inside fp16 branches
+        ds_internals.alias_master_partitions()  # no second copy of the partitions when dtypes agree (#14)
         with deepspeed.zero.Init(config_dict_or_path=resolved, data_parallel_group=zero_partition_group):
             model = model_factory()
     else:
