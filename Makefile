@@ -7,7 +7,7 @@ DEMO_DIR ?= runs/demo
 export DS_ACCELERATOR ?= cpu
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: venv demo test bench clean-demo
+.PHONY: venv demo test test-gpu bench clean-demo
 
 venv: $(VENV)/.installed
 
@@ -56,6 +56,11 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest
+
+# GPU tests (tests/test_gpu.py, marker gpu): NCCL on CUDA, world size 1 (2 ranks with >= 2 GPUs); on a
+# machine without CUDA they skip with a reason. `make test` collects them too and they skip there.
+test-gpu: venv
+	DS_ACCELERATOR=cuda $(PY) -m pytest -m gpu -rs
 
 bench: venv
 	$(PY) -m bench.matmul_peak
