@@ -185,7 +185,7 @@ def run(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) 
     debug = "--debug" in argv or os.environ.get("DALLE_DS_DEBUG", "") not in ("", "0")
     try:
         code = main(argv)
-    except ConfigError as e:
+    except (ConfigError, FileNotFoundError) as e:  # expected: bad config, a named input that is not there
         if debug:
             raise
         if launch_rank() == 0:

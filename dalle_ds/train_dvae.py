@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import sys
 from pathlib import Path
 from typing import Callable
@@ -36,14 +35,14 @@ from dalle_ds.config import Config, DVAETrainConfig  # noqa: E402
 from dalle_ds.data.loaders import ImageShardLoader  # noqa: E402
 from dalle_ds.evaluation.reconstruction import evaluate_reconstruction, reconstruction_grid, save_png  # noqa: E402
 from dalle_ds.models.dvae import DiscreteVAE, save_dvae  # noqa: E402
-from dalle_ds.models.dvae_loss import mse_psnr  # noqa: E402
+from dalle_ds.models.dvae_loss import histogram_usage, mse_psnr, psnr  # noqa: E402
 from dalle_ds.parallel.checkpoint import Checkpointer  # noqa: E402
 from dalle_ds.parallel.dist import all_reduce_, init_distributed, print0  # noqa: E402
 from dalle_ds.parallel.engine import OptimSpec, build_engine  # noqa: E402
 from dalle_ds.training.ema import EMA  # noqa: E402
 from dalle_ds.training.logger import MetricsLogger  # noqa: E402
-from dalle_ds.training import preflight  # noqa: E402
 from dalle_ds.training.loop import EXIT_COMPLETED, TrainLoop  # noqa: E402
+from dalle_ds.training import preflight  # noqa: E402
 from dalle_ds.training.schedules import DVAESchedule  # noqa: E402
 
 ECHO_KEYS = ["loss", "nll", "kl", "psnr", "codes_used_fraction", "beta", "tau", "lr", "images_per_s"]
@@ -58,8 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-    """parse -> config -> inputs checked (before any process group or engine) -> train."""
 def main(argv: list[str] | None = None) -> int:
+    """parse -> config -> inputs checked (before any process group or engine) -> train."""
     args = parse_args(argv)
     cfg = cli_args.load(args)
     if args.print_config:
@@ -168,12 +167,11 @@ class RunningStats:
         sums, codes = packed[:6], packed[6:]
         n = max(float(sums[5]), 1.0)
         mse = float(sums[4]) / n
-        p = codes / codes.sum().clamp(min=1)
-        entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+        perplexity, used = histogram_usage(codes.cpu())
         self.reset()
         return {"loss": float(sums[0]) / n, "nll": float(sums[1]) / n, "kl": float(sums[2]) / n,
-                "marginal_kl": float(sums[3]) / n, "mse": mse, "psnr": 10 * math.log10(1.0 / max(mse, 1e-12)),
-                "perplexity": math.exp(entropy), "codes_used_fraction": float((codes > 0).sum()) / self.codebook_size}
+                "marginal_kl": float(sums[3]) / n, "mse": mse, "psnr": psnr(mse),
+                "perplexity": perplexity, "codes_used_fraction": used}
 
 
 def export_ema(ema: EMA, cfg: Config, out_dir: Path, step: int) -> None:

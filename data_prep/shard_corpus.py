@@ -48,6 +48,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from tqdm import tqdm  # noqa: E402
 
+from dalle_ds.cli_args import Parser, run  # noqa: E402
 from dalle_ds.config import at_least  # noqa: E402
 from dalle_ds.data import storage  # noqa: E402
 from dalle_ds.data.shards import (  # noqa: E402
@@ -64,7 +65,7 @@ FORMAT = "dalle-ds/image-shards/1"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", help="folders, tables (.tsv/.csv/.jsonl), tars; local or s3://")
     p.add_argument("--output", required=True, help="output folder or s3://bucket/prefix/")
     p.add_argument("--samples-per-shard", type=at_least(1), default=10000)
@@ -318,4 +319,4 @@ def _finalise(out: str, state: ResumeState, config: dict, fp: str, n_items: int)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run(main))
