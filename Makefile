@@ -36,18 +36,24 @@ demo: venv
 		--samples-per-shard 500 --image-size 64 --workers 2
 	$(PY) data_prep/train_text_tokenizer.py --shards $(DEMO_DIR)/shards --vocab-size 512 \
 		--output $(DEMO_DIR)/tokenizer.json
-	# Stage 1: the dVAE on 2 ranks, then its held-out PSNR / SSIM / codebook usage and reconstruction grid
+	# Stage 1: the dVAE on 2 ranks (held-out evaluation once, at the end), then its held-out PSNR / SSIM /
+	# codebook usage and reconstruction grid
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 dalle_ds/train_dvae.py --deepspeed_config ds_configs/dvae.json \
-		--config tiny --eval-shards $(DEMO_DIR)/heldout_shards run.dir=$(DEMO_DIR)/dvae data.image_shards=$(DEMO_DIR)/shards
+		--config tiny --eval-shards $(DEMO_DIR)/heldout_shards run.dir=$(DEMO_DIR)/dvae data.image_shards=$(DEMO_DIR)/shards \
+		logging.image_every_steps=100000 checkpoint.every_steps=600
 	$(PY) -m dalle_ds.evaluate_dvae --checkpoint $(DEMO_DIR)/dvae/export --shards $(DEMO_DIR)/heldout_shards \
 		--grid $(DEMO_DIR)/dvae_reconstructions.png
-	# Pre-encoding: image shards -> token shards, with a decode check
+	# Pre-encoding: image shards -> token shards, with a decode check; the held-out scenes too (validation loss)
 	$(PY) data_prep/tokenize_images.py --dvae $(DEMO_DIR)/dvae/export --input $(DEMO_DIR)/shards \
 		--output $(DEMO_DIR)/tokens --batch-size 64 --verify 16 --no-progress
-	# Stage 2: the prior under ZeRO-3 on 2 ranks, exported for sampling
-	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 dalle_ds/train.py --deepspeed_config ds_configs/zero3_fp32_cpu.json \
+	$(PY) data_prep/tokenize_images.py --dvae $(DEMO_DIR)/dvae/export --input $(DEMO_DIR)/heldout_shards \
+		--output $(DEMO_DIR)/heldout_tokens --batch-size 64 --no-progress
+	# Stage 2: the prior under ZeRO-3 on 2 ranks (every parameter of the 1M-parameter model persists: no
+	# per-forward gathers), validation loss on the held-out tokens, sample grids; exported for sampling
+	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 dalle_ds/train.py --deepspeed_config ds_configs/zero3_fp32_cpu_small.json \
 		--config tiny run.dir=$(DEMO_DIR)/prior optim.max_steps=1200 data.token_shards=$(DEMO_DIR)/tokens \
-		data.tokenizer=$(DEMO_DIR)/tokenizer.json data.dvae=$(DEMO_DIR)/dvae/export
+		data.tokenizer=$(DEMO_DIR)/tokenizer.json data.dvae=$(DEMO_DIR)/dvae/export \
+		data.validation_shards=$(DEMO_DIR)/heldout_tokens
 	$(PY) -m dalle_ds.export $(DEMO_DIR)/prior $(DEMO_DIR)/prior/export
 	# Reranker CLIP + judge CLIP (trained side by side), 16 samples for each of 128 held-out test captions,
 	# caption-match rates with 95% intervals per caption kind and attribute, judge-CLIP FID/IS/CLIP score

@@ -143,7 +143,7 @@ def overlap(evaluated: list[str], train: list[str]) -> dict:
 
     strings = set(train)
     meanings = {key(c) for c in set(train)} - {None}
-    return {"captions": len(evaluated), "training_captions": len(train),
+    return {"captions": len(evaluated), "training_captions": len(train), "distinct_training_captions": len(strings),
             "strings": sum(c in strings for c in evaluated),
             "meanings": sum(key(c) in meanings for c in evaluated if key(c) is not None)}
 
@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
     ov["training_shards"] = train_specs
     print(f"demo_eval: {len(captions)} {args.split} captions and {len(ref_caps)} references from {source}")
     print(f"demo_eval: held-out overlap with training: {ov['strings']}/{len(captions)} caption strings, "
-          f"{ov['meanings']}/{len(captions)} meanings ({len(train_caps):,} training captions)", flush=True)
+          f"{ov['meanings']}/{len(captions)} meanings ({ov['distinct_training_captions']:,} distinct training captions)",
+          flush=True)
     if (ov["strings"] or ov["meanings"]) and not args.allow_overlap:
         print("demo_eval: held-out captions occur in training; refusing to report (--allow-overlap)", file=sys.stderr)
         raise SystemExit(EXIT_OVERLAP)

@@ -163,4 +163,5 @@ def test_overlap_counts_strings_and_meanings():
 
     train = ["a small red circle", "a big blue square on the left"]
     ev = ["a small red circle", "a large blue square on the left side", "a green triangle"]
-    assert overlap(ev, train) == {"captions": 3, "training_captions": 2, "strings": 1, "meanings": 2}
+    assert overlap(ev, train) == {"captions": 3, "training_captions": 2, "distinct_training_captions": 2,
+                                  "strings": 1, "meanings": 2}

@@ -159,7 +159,7 @@ def test_validation_and_samples_on_two_zero3_ranks(tmp_path):
     assert r0["png_equal"] and r0["replica_codes_equal"]
     assert r0["txt"] == ["a red circle", "a small blue square on the left"]
     w, h = r0["png_size"]
-    assert w == 2 + 2 * (2 * GRID + 2) and h == 2 + 2 * (2 * GRID + 2)  # 2 captions x 2 samples of 8 px
+    assert w == 2 + 2 * (64 + 2) and h == 2 + 2 * (64 + 2)  # 2 captions x 2 samples of 8 px, shown at 64 px
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_00000005.png", "step_00000010.png"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -191,7 +191,7 @@ def test_sample_hook_without_zero3_and_hooks_cadence(tmp_path):
     assert hook.captions == list(dict.fromkeys(caps))[:2]
     path = hook(7, engine)
     assert torch.equal(hook.replica.state_dict()["ln_f.weight"], model.state_dict()["ln_f.weight"])
-    assert Image.open(path).size == (2 + 3 * (2 * GRID + 2), 2 + 2 * (2 * GRID + 2))
+    assert Image.open(path).size == (2 + 3 * (64 + 2), 2 + 2 * (64 + 2))
 
     class Eng:  # a stand-in engine: forward = the model's loss
         def __init__(self, m):

@@ -169,7 +169,7 @@ def test_demo_eval_prints_caption_match_with_and_without_reranking(tmp_path, cap
     out = capsys.readouterr().out
     assert "caption-match without reranking" in out and "top-1" in out
     assert f"2 test captions and 6 references from {tmp_path / 'heldout_shards'}" in out
-    assert "held-out overlap with training: 0/2 caption strings, 0/2 meanings (32 training captions)" in out
+    assert "held-out overlap with training: 0/2 caption strings, 0/2 meanings (32 distinct training captions)" in out
     assert "judge CLIP (separately trained, seed 1; not the reranker)" in out
     assert {"without_rerank", "rerank_top1", "rerank_top2", "first_candidate", "any_of_n"} == set(res["caption_match"])
     assert all(0.0 <= v <= 1.0 for v in res["caption_match"].values())

@@ -36,7 +36,9 @@ def _series(rows: list[dict], key: str) -> list[tuple[float, float]]:
             if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) and "step" in r]
 
 
-def _ema(points: list[tuple[float, float]], decay: float = 0.95) -> list[tuple[float, float]]:
+def _ema(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Bias-corrected exponential moving average over about 2% of the run (0.5 to 0.98 per point)."""
+    decay = min(0.98, max(0.5, 1.0 - 50.0 / max(len(points), 1)))
     out, avg, weight = [], 0.0, 0.0
     for x, y in points:
         avg, weight = decay * avg + (1 - decay) * y, decay * weight + (1 - decay)

@@ -202,6 +202,9 @@ class SampleHook:
         settings = SamplingSettings(temperature=self.temperature)
         codes = generate(self.replica, self.text, self.seeds, settings)  # (M * P, N), KV cache
         images = self.vae.decode(codes).float().clamp(0, 1)  # (M * P, 3, H, W)
+        scale = max(1, 64 // images.shape[-1])  # small images shown at >= 64 px (nearest: codes stay visible)
+        if scale > 1:
+            images = images.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
         pil = grid_image(images, cols=self.per_caption)
         return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float() / 255
 
