@@ -264,7 +264,9 @@ class PrecisionConfig:
     the DeepSpeed JSON (fp16 / bf16 / fp32); these settings only apply under fp16."""
 
     block_scaling: bool = True  # false under fp16: DeepSpeed's own fp16 (whole model half, one scale)
-    init_scale_log2: float = 13.0  # initial scale = M * 2**13, M = data-parallel ranks
+    # initial scale = A * 2**init_scale_log2, clamped to A * [2**min_scale_log2, 2**max_scale_log2],
+    # A = gradient-accumulation steps, whatever the number of ranks (#15; block_scaling's docstring)
+    init_scale_log2: float = 13.0
     min_scale_log2: float = 7.0
     max_scale_log2: float = 24.0
     growth_per_update_log2: float = 1.0 / 1000  # x 2**(1/1000) after a finite update

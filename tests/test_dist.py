@@ -121,3 +121,31 @@ def test_node_layout_rejects_bad_size():
         assert "node_size=4" in str(e)
     else:
         raise AssertionError
+
+
+def _groups_on_hosts(hosts, node_size):
+    import os
+
+    os.environ[ddist.HOSTNAME_ENV] = hosts[int(os.environ["RANK"])]  # where this rank "runs"
+    ddist.init_distributed()
+    return ddist.build_node_groups(node_size).intra_ranks
+
+
+def test_node_groups_checked_against_hosts():
+    # blocks (A,A,B,B): each group of 2 on one host
+    assert run_ranks(_groups_on_hosts, 4, args=(["A", "A", "B", "B"], 2), node_size=2, timeout_s=120) == \
+        [(0, 1), (0, 1), (2, 3), (2, 3)]
+    # cyclic placement (A,B,A,B): rank // 2 groups would span machines -> an error naming ranks and hosts
+    with pytest.raises(RankFailed) as e:
+        run_ranks(_groups_on_hosts, 4, args=(["A", "B", "A", "B"], 2), node_size=2, timeout_s=120)
+    msg = str(e.value)
+    assert "span machines" in msg and "rank 0 on A, rank 1 on B" in msg and "rank 2 on A, rank 3 on B" in msg
+    assert "--distribution=block" in msg
+
+
+def test_host_id_and_placement_check():
+    assert ddist.host_id({ddist.HOSTNAME_ENV: "X"}) == "X"
+    assert ddist.host_id({"SLURM_NODEID": "3"}).endswith("(SLURM node 3)")
+    ddist.check_node_placement(["A"] * 4, 2)  # fake nodes on one machine are fine
+    with pytest.raises(RuntimeError, match=r"node group 1: rank 2 on A, rank 3 on B"):
+        ddist.check_node_placement(["A", "A", "A", "B"], 2)

@@ -5,7 +5,8 @@ RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE (:func:`slurm_ranks`, the one place 
 lives) and derive MASTER_ADDR from the job's first node before ``init_process_group``.
 :func:`launch_info` gives the same ranks without a process group (offline jobs whose processes
 never talk); :func:`slurm_array_part` maps a job-array element to its part. Fake nodes on one
-machine are supported by giving ``node_size``.
+machine are supported by giving ``node_size``; node groups that would span machines (ranks placed
+cyclically) are an error (:func:`check_node_placement`, from every rank's host gathered at start).
 """
 
 from __future__ import annotations
@@ -312,16 +313,53 @@ def node_rank_layout(world_size: int, node_size: int) -> tuple[list[list[int]], 
     return intra, cross
 
 
+HOSTNAME_ENV = "DALLE_DS_HOSTNAME"  # overrides where this process says it runs (tests simulate placements)
+
+
+def host_id(environ: Mapping[str, str] | None = None) -> str:
+    """The machine this process runs on: ``DALLE_DS_HOSTNAME`` when set, else ``socket.gethostname()``,
+    with SLURM's node index appended when SLURM_NODEID is set (``"n1 (SLURM node 0)"``)."""
+    env = os.environ if environ is None else environ
+    if env.get(HOSTNAME_ENV):
+        return env[HOSTNAME_ENV]
+    import socket
+
+    host = socket.gethostname()
+    return f"{host} (SLURM node {env['SLURM_NODEID']})" if env.get("SLURM_NODEID") else host
+
+
+def check_node_placement(hosts: list[str], node_size: int) -> None:
+    """Raise when a node group (``rank // node_size``) would hold ranks of more than one host.
+
+    ``hosts[r]`` is rank r's :func:`host_id`. Groups smaller than a host (fake nodes) are fine."""
+    intra, _ = node_rank_layout(len(hosts), node_size)
+    bad = [ranks for ranks in intra if len({hosts[r] for r in ranks}) > 1]
+    if bad:
+        lines = [f"  node group {n}: " + ", ".join(f"rank {r} on {hosts[r]}" for r in ranks)
+                 for n, ranks in enumerate(intra) if ranks in bad]
+        raise RuntimeError(
+            f"node groups of {node_size} consecutive ranks span machines ({len(bad)} of {len(intra)} groups):\n"
+            + "\n".join(lines[:8]) + ("\n  ..." if len(lines) > 8 else "")
+            + "\nintra-node groups are rank // node_size: place ranks in blocks, each node's ranks consecutive "
+              "(SLURM: --distribution=block; torchrun/deepspeed: one launcher per node with --node_rank), "
+              "or set node_size to the ranks per machine")
+
+
 def build_node_groups(node_size: int = 0) -> NodeGroups:
     """Create the intra-node and cross-node groups (every rank must call this, same order).
 
     ``node_size=0`` takes the launcher's ranks per node (LOCAL_WORLD_SIZE); a smaller value
-    makes fake nodes, e.g. 4 ranks on one machine as 2 nodes x 2.
+    makes fake nodes, e.g. 4 ranks on one machine as 2 nodes x 2. Every rank's :func:`host_id`
+    is gathered first (one ``all_gather_object``) and a group that would span machines is an error
+    (:func:`check_node_placement`), on every rank.
     """
     rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
     if node_size == 0:
         node_size = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     intra_layout, cross_layout = node_rank_layout(world, node_size)
+    hosts: list = [None] * world
+    torch_dist.all_gather_object(hosts, host_id())
+    check_node_placement(hosts, node_size)
     mine_intra = mine_cross = None
     for ranks in intra_layout:
         group = torch_dist.new_group(ranks)
