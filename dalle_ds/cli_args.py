@@ -133,6 +133,16 @@ def print_config(cfg: Config) -> None:
 # ---------------------------------------------------------------- --help: the config keys
 
 
+def load_run(args: argparse.Namespace) -> tuple[Config, str]:
+    """A trainer's config and resolved DeepSpeed JSON path. ``--print-config`` prints the resolved
+    YAML and exits 0 here, as ``--help`` does."""
+    cfg = load(args)
+    if args.print_config:
+        print_config(cfg)
+        raise SystemExit(0)
+    return cfg, resolve_ds_config(args.deepspeed_config)
+
+
 def _field_comments(cls: type) -> dict[str, str]:
     """``name: type = default  # comment`` -> {name: comment} from the dataclass source."""
     try:

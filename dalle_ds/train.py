@@ -63,11 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """parse -> config -> inputs checked (before any process group or engine) -> train."""
     args = parse_args(argv)
-    cfg = cli_args.load(args)
-    if args.print_config:
-        cli_args.print_config(cfg)
-        return 0
-    ds_config_path = cli_args.resolve_ds_config(args.deepspeed_config)
+    cfg, ds_config_path = cli_args.load_run(args)  # --print-config prints and exits here
     launch = launch_info()
     cfg.optim = cfg.optim.for_world(launch.world_size)
     found = preflight.prior_inputs(cfg)

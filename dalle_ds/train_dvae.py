@@ -58,13 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """parse -> config -> inputs checked (before any process group or engine) -> train."""
+    """parse -> config -> image shards checked (before any process group or engine) -> train the dVAE."""
     args = parse_args(argv)
-    cfg = cli_args.load(args)
-    if args.print_config:
-        cli_args.print_config(cfg)
-        return 0
-    ds_config_path = cli_args.resolve_ds_config(args.deepspeed_config)
+    cfg, ds_config_path = cli_args.load_run(args)  # --print-config prints and exits here
     found = preflight.dvae_inputs(cfg, args.eval_shards)
     if args.dry_run:
         n = sum(p.numel() for p in DiscreteVAE(cfg.dvae).parameters())

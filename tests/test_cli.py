@@ -45,7 +45,9 @@ def test_print_config_is_the_resolved_yaml(capsys, tmp_path, monkeypatch):
     from dalle_ds import train
 
     monkeypatch.chdir(tmp_path)  # presets come from the package, not the working directory
-    assert train.main(["optim.lr=1e-3", "--config", "tiny", "--print-config", "logging.wandb=true"]) == 0
+    with pytest.raises(SystemExit) as done:  # like --help: print, exit 0
+        train.main(["optim.lr=1e-3", "--config", "tiny", "--print-config", "logging.wandb=true"])
+    assert done.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed == load_config("tiny", ["optim.lr=1e-3", "logging.wandb=true"]).to_dict()
     assert printed["optim"]["lr"] == 1e-3 and printed["data"]["token_shards"] == ""

@@ -491,11 +491,7 @@ def check_token_manifest(shards_spec: str | list[str], expected_grid: int, expec
             if m[field] != want:
                 raise ValueError(f"{path}: token shards were made with {field}={m[field]!r}, "
                                  f"this run expects {want!r}: re-tokenize with this dVAE or fix the config")
-        listed = _manifest_shard_names(m)
-        if listed is not None:
-            missing = [u for u in urls if _folder(u) == folder and u.rsplit("/", 1)[-1] not in listed]
-            if missing:
-                raise ValueError(f"{path}: shards not listed in the manifest (unfinished or foreign): {missing[:5]}")
+        _refuse_unlisted(path, m, [u for u in urls if _folder(u) == folder])
         manifests.append(m)
     return manifests
 
@@ -518,13 +514,18 @@ def check_image_manifest(urls: list[str]) -> list[dict[str, Any]]:
         m = storage.read_json(path)
         if str(m.get("format", "")).startswith("dalle-ds/token-shards"):
             raise ValueError(f"{path}: these are token shards ({m['format']}), not image shards")
-        listed = _manifest_shard_names(m)
-        if listed is not None:
-            missing = [u for u in urls if _folder(u) == folder and u.rsplit("/", 1)[-1] not in listed]
-            if missing:
-                raise ValueError(f"{path}: shards not listed in the manifest (unfinished or foreign): {missing[:5]}")
+        _refuse_unlisted(path, m, [u for u in urls if _folder(u) == folder])
         manifests.append(m)
     return manifests
+
+
+def _refuse_unlisted(path: str, manifest: dict[str, Any], urls: list[str]) -> None:
+    """Every shard read from a folder with a manifest must be listed in it (else: unfinished or foreign)."""
+    listed = _manifest_shard_names(manifest)
+    if listed is not None:
+        missing = [u for u in urls if u.rsplit("/", 1)[-1] not in listed]
+        if missing:
+            raise ValueError(f"{path}: shards not listed in the manifest (unfinished or foreign): {missing[:5]}")
 
 
 def _manifest_shard_names(m: dict[str, Any]) -> set[str] | None:

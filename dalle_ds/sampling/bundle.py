@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from dalle_ds.training.logger import read_jsonl
+
 WEIGHTS, INDEX, CONFIG = "model.safetensors", "model.safetensors.index.json", "config.json"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -122,18 +124,6 @@ def load_weights(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
 # ---------------------------------------------------------------- the bundle of a run
 
 
-def _metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
 def final_losses(rows: list[dict[str, Any]], last: int = 10) -> dict[str, float]:
     """Means of loss / text_loss / image_loss over the last ``last`` rows that have them."""
     out = {}
@@ -147,7 +137,7 @@ def final_losses(rows: list[dict[str, Any]], last: int = 10) -> dict[str, float]
 def evaluation_figures(run_dir: Path) -> dict[str, Any]:
     """The last ``eval.jsonl`` row and the numeric top-level figures of ``RUN_DIR/eval/*.json``."""
     figs: dict[str, Any] = {}
-    rows = _metrics(run_dir / "eval.jsonl")
+    rows = read_jsonl(run_dir / "eval.jsonl")
     if rows:
         figs["eval.jsonl"] = rows[-1]
     for path in sorted((run_dir / "eval").glob("*.json")) if (run_dir / "eval").is_dir() else []:
@@ -245,7 +235,7 @@ def export_bundle(run_dir: str | Path, output: str | Path, dvae: str | None = No
         dvae_hash = hash_of(str(output / "dvae"))
     if tokenizer:
         (output / "tokenizer.json").write_bytes(storage.read_bytes(tokenizer))
-    rows = _metrics(run_dir / "metrics.jsonl")
+    rows = read_jsonl(run_dir / "metrics.jsonl")
     steps = [int(r["step"]) for r in rows if "step" in r]
     step_match = re.search(r"(\d+)$", tag)
     samples = None

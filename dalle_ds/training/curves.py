@@ -9,26 +9,15 @@ validation loss of ``eval.jsonl`` (dots joined by a line), with axis ticks and a
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from dalle_ds.training.logger import read_jsonl
+
 TRAIN, TRAIN_EMA, VAL = (170, 190, 230), (40, 90, 200), (220, 60, 40)
 PANEL_W, PANEL_H, MARGIN_L, MARGIN_B, MARGIN_T, MARGIN_R = 420, 300, 52, 36, 26, 12
-
-
-def _rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a line being written
-    return out
 
 
 def _series(rows: list[dict], key: str) -> list[tuple[float, float]]:
@@ -101,7 +90,7 @@ def _panel(title: str, series: list[tuple[list[tuple[float, float]], tuple[int, 
 def write_learning_curve(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw ``<run_dir>/learning_curve.png`` (or ``out``) from metrics.jsonl and eval.jsonl; returns the path."""
     run_dir = Path(run_dir)
-    train, val = _rows(run_dir / "metrics.jsonl"), _rows(run_dir / "eval.jsonl")
+    train, val = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "eval.jsonl")
     font = ImageFont.load_default()
     panels = []
     for key, title in (("image_loss", "image loss (nats/token)"), ("text_loss", "text loss (nats/token)")):

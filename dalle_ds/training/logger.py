@@ -33,6 +33,21 @@ from dalle_ds.parallel.dist import get_rank, print0
 SPLITS = {"train": "metrics.jsonl", "eval": "eval.jsonl"}
 
 
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl / eval.jsonl written by :class:`MetricsLogger`; a missing file is
+    empty and a line still being written (not yet valid JSON) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
 def format_value(v: Any) -> str:
     if isinstance(v, bool) or isinstance(v, int):
         return str(v)
