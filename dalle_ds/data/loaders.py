@@ -170,6 +170,7 @@ class _SlotDataset(IterableDataset):
         self.urls, self.start, self.rotate = urls, start, rotate
         self.rank, self.world, self.workers = loader.rank, loader.world_size, loader.slots_per_rank
         self.batch_size, self.seed, self.shuffle = loader.batch_size, loader.seed, loader.shuffle
+        self.max_bad_fraction = loader.max_bad_fraction
         self.buffer, self.infinite, self.decode = loader.shuffle_buffer, loader.infinite, loader.decode_batch
 
     def epoch_samples(self, slot: int, epoch: int) -> Iterator[dict[str, Any]]:
@@ -222,6 +223,11 @@ class _SlotDataset(IterableDataset):
             if len(batch) == self.batch_size:
                 out, batch = _decode_skipping_bad(self.decode, batch, bad)
                 if out is None:  # bad samples left the batch: fill it up from the stream
+                    # the main process judges the rate when a batch arrives; a stream of nothing but bad
+                    # samples never yields one, so the worker applies the same rule to its own count
+                    if len(bad) > self.max_bad_fraction * max(seen, 1000):
+                        raise ShardError(f"{len(bad)} of {seen} samples read could not be decoded, more than "
+                                         f"max_bad_fraction={self.max_bad_fraction}; latest: {bad[-1]}")
                     continue
                 yield {**out, "_worker": worker, "_epoch": epoch_after, "_pos": pos_after, "_bad": bad, "_seen": seen}
                 batch, bad, seen = [], [], 0
