@@ -6,6 +6,12 @@ Kinds (picked per input):
   jpg/jpeg/png/webp/... present, caption = ``.txt`` (else ``caption`` in the ``.json``);
 - a ``.tsv`` / ``.csv`` / ``.jsonl`` table with an image-path column and a caption column
   (relative paths are relative to the table's folder or prefix);
+- a ``.parquet`` table (read in batches of rows): an image column holding bytes (img2dataset's
+  parquet output: ``jpg``; Hugging Face: ``{"bytes", "path"}``) or paths, and a caption column
+  (``caption``/``txt``/...). img2dataset's metadata parquet beside a ``files``-format output
+  (``00000.parquet`` + ``00000/<key>.jpg``) has no image column: its ``key`` column names the
+  image in the folder of the parquet's stem, and rows whose ``status`` is not ``success`` are
+  ``missing_image`` with img2dataset's error message;
 - otherwise a folder tree / s3 prefix of files: every file that is not ``.txt`` / ``.json`` and
   not hidden is a sample, its caption the same-stem ``.txt``; a ``.txt`` without a partner
   is a ``missing_image`` sample. ``.json`` sidecars are ignored.
@@ -23,7 +29,9 @@ import io
 import json
 import os
 import posixpath
+import shutil
 import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -31,9 +39,14 @@ from dalle_ds.data import storage
 from dalle_ds.data.shards import INPUT_IMAGE_EXTS
 from data_prep._shard_sample import Item
 
-TABLE_EXTS = (".tsv", ".csv", ".jsonl")
+TABLE_EXTS = (".tsv", ".csv", ".jsonl", ".parquet")
 IMAGE_COLUMNS = ("image", "image_path", "path", "filepath", "file", "filename", "url")
 CAPTION_COLUMNS = ("caption", "text", "title", "prompt")
+# Parquet rows may carry the image itself: img2dataset's parquet output format names the binary
+# column after the encoding (jpg/png/webp); Hugging Face datasets store {"bytes", "path"} structs.
+PARQUET_IMAGE_COLUMNS = ("jpg", "png", "webp", "image", "img") + IMAGE_COLUMNS
+PARQUET_CAPTION_COLUMNS = CAPTION_COLUMNS + ("txt",)
+PARQUET_BATCH_ROWS = 256  # rows decoded at a time: memory is one batch (with image bytes), not the table
 
 
 @dataclass
@@ -82,8 +95,13 @@ def discover(inputs: list[str]) -> list[Source]:
             if not files:
                 raise FileNotFoundError(f"{url}: no input files (not a .tar, a table, or a non-empty folder/prefix)")
             tars = [f for f in files if f[0].lower().endswith(".tar")]
-            if not tars:
-                sources.append(Source("folder", url, files))
+            tables = [f for f in files if f[0].lower().endswith(".parquet")]
+            images = [f for f in files if _split_ext(f[0])[1] in INPUT_IMAGE_EXTS]
+            if tables and not tars and not images:  # img2dataset's parquet output format: the tables are the data
+                sources.append(Source("table", url, tables))
+                continue
+            if not tars:  # beside images, a .parquet is img2dataset's metadata (the images are the data)
+                sources.append(Source("folder", url, [f for f in files if not f[0].lower().endswith(".parquet")]))
                 continue
             sources.append(Source("tar", url, tars))
             # loose images (and their .txt captions) beside the tars are read too, after them;
@@ -134,9 +152,9 @@ def _units(s: Source, image_column: str | None, caption_column: str | None, skip
     if s.kind == "folder":
         for url, caption in _folder_groups(s)[skip:]:
             yield iter([_folder_item(url, caption)])
-    elif s.kind == "table":
-        if skip == 0:
-            yield _table_items(s.url, image_column, caption_column)
+    elif s.kind == "table":  # one table file per unit (a folder of parquet files has many)
+        for url, _ in s.files[skip:]:
+            yield _table_items(url, image_column, caption_column)
     else:
         for url, _ in s.files[skip:]:
             yield _tar_items(url)
@@ -195,6 +213,9 @@ def _pick(columns: list[str], wanted: str | None, defaults: tuple[str, ...], wha
 
 
 def _table_items(url: str, image_column: str | None, caption_column: str | None) -> Iterator[Item]:
+    if url.lower().endswith(".parquet"):
+        yield from _parquet_items(url, image_column, caption_column)
+        return
     # Read as UTF-8 with surrogate escapes: a bad byte spoils only its own row's caption.
     text = io.TextIOWrapper(storage.open_read(url), encoding="utf-8", errors="surrogateescape", newline="")
     with text:
@@ -221,11 +242,96 @@ def _table_items(url: str, image_column: str | None, caption_column: str | None)
                 continue
             if caption is not None and not isinstance(caption, str):
                 caption = str(caption)
-            image = _resolve(url, path.strip())
+            image = path.strip() if path.strip().lower().startswith(("http://", "https://")) else _resolve(url, path.strip())
             if image.lower().startswith(("http://", "https://")):
                 yield Item(0, source, None, None, reason="read_error", detail=f"{image}: URLs are not downloaded")
                 continue
             yield Item(0, image, image, caption)
+
+
+def _parquet_items(url: str, image_column: str | None, caption_column: str | None) -> Iterator[Item]:
+    import pyarrow.parquet as pq  # imported here: 50 MB of RSS a job without parquet inputs does not need
+
+    with _seekable(url) as f:
+        table = pq.ParquetFile(f)
+        columns = table.schema_arrow.names
+        img_c = _pick_optional(columns, image_column, PARQUET_IMAGE_COLUMNS, "image", url)
+        cap_c = _pick(columns, caption_column, PARQUET_CAPTION_COLUMNS, "caption", url)
+        if img_c is None and "key" not in columns:
+            raise ValueError(f"{url}: no image column (looked for {list(PARQUET_IMAGE_COLUMNS)}) and no 'key' "
+                             f"column; columns are {columns}; name it with --image-column")
+        wanted = [c for c in (img_c, cap_c, "key", "status", "error_message") if c and c in columns]
+        folder = posixpath.splitext(url)[0] if storage.is_s3(url) else os.path.splitext(url)[0]
+        row = 0
+        for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=wanted):
+            for r in batch.to_pylist():
+                row += 1
+                yield _parquet_item(url, row, r, img_c, cap_c, folder)
+
+
+def _parquet_item(url: str, row: int, r: dict, img_c: str | None, cap_c: str, folder: str) -> Item:
+    source = f"{url}:{row}"
+    caption = r.get(cap_c)
+    if caption is not None and not isinstance(caption, (str, bytes)):
+        caption = str(caption)
+    status = r.get("status")
+    if status is not None and status != "success":  # img2dataset could not download this one
+        return Item(0, source, None, None, reason="missing_image",
+                    detail=f"img2dataset status {status!r}: {str(r.get('error_message'))[:200]}")
+    image = r.get(img_c) if img_c else None
+    if isinstance(image, dict):  # {"bytes": ..., "path": ...}
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, (bytes, bytearray)):
+        return Item(0, source, bytes(image), caption)
+    if isinstance(image, str) and image.strip():
+        if not image.strip().lower().startswith(("http://", "https://")):
+            path = _resolve(url, image.strip())
+            return Item(0, path, path, caption)
+        if r.get("key") is None:  # a URL, and no downloaded copy named by a key
+            return Item(0, source, None, None, reason="read_error", detail=f"{image.strip()}: URLs are not downloaded")
+    key = r.get("key")
+    if key is None:
+        return Item(0, source, None, None, reason="missing_image", detail=f"no {img_c!r} value")
+    path = _image_beside(folder, str(key))
+    if path is None:
+        return Item(0, source, None, None, reason="missing_image", detail=f"no image {key}.* in {folder}")
+    return Item(0, path, path, caption)
+
+
+def _image_beside(folder: str, key: str) -> str | None:
+    """img2dataset's ``files`` layout: ``<parquet stem>/<key>.<ext>`` (the first extension present)."""
+    for ext in INPUT_IMAGE_EXTS:
+        path = storage.join(folder, f"{key}.{ext}") if storage.is_s3(folder) else os.path.join(folder, f"{key}.{ext}")
+        if storage.exists(path):
+            return path
+    return None
+
+
+def _pick_optional(columns: list[str], wanted: str | None, defaults: tuple[str, ...], what: str,
+                   url: str) -> str | None:
+    if wanted or any(c in columns for c in defaults):
+        return _pick(columns, wanted, defaults, what, url)
+    return None
+
+
+class _seekable:
+    """A local path as is; an S3 object copied to a temp file (parquet readers seek to the footer)."""
+
+    def __init__(self, url: str):
+        self.url, self.tmp = url, None
+
+    def __enter__(self):
+        if not storage.is_s3(self.url):
+            return self.url
+        self.tmp = tempfile.NamedTemporaryFile(suffix=".parquet")
+        with storage.open_read(self.url) as body:
+            shutil.copyfileobj(body, self.tmp, 1 << 20)
+        self.tmp.flush()
+        return self.tmp.name
+
+    def __exit__(self, *exc):
+        if self.tmp is not None:
+            self.tmp.close()
 
 
 def _jsonl_rows(text, url: str) -> Iterator[tuple[int, object]]:

@@ -1,15 +1,18 @@
 """shard_corpus on many machines: split the inputs into parts, then merge the parts (finalize).
 
 Split (:func:`split_sources`). The inputs are cut into units in input order — each tar file,
-each table, each image (with its caption) of a folder — and part ``p`` of ``n`` takes the
+each table file, each image (with its caption) of a folder — and part ``p`` of ``n`` takes the
 contiguous range ``[U*p//n, U*(p+1)//n)``. So the parts, concatenated in order, are the input
 order of a single run. Part ``p`` is an ordinary shard_corpus output in ``OUT/part-PPPPP/``
 (its own manifest, resume, duplicate filter).
 
-Finalize (:func:`finalize`). Reads the parts in order, keeps the first of several identical
-images across parts (as one run would) and rewrites a shard that held a later copy without it;
+Finalize (:func:`finalize`). The parts apply every filter that looks at one sample alone and
+leave those that judge a sample against earlier kept ones (exact duplicates, ``--phash-distance``
+near-duplicates, ``--max-caption-repeats``) to finalize: it reads the parts' samples in input order,
+applies them exactly as a single run does (:meth:`SeenHashes.check` / ``keep``) and rewrites a
+shard that held a dropped sample without it;
 ``OUT/manifest.json`` lists every part's shards (``part-PPPPP/NAME``), the summed drop counts and
-``OUT/rejects.jsonl`` (the parts' rejects, then the cross-part duplicates). Before a shard is
+``OUT/rejects.jsonl`` (the parts' rejects, then finalize's drops). Before a shard is
 rewritten its decision is recorded in ``OUT/_finalize/``, so a killed finalize re-run counts the
 same duplicates. Memory: the duplicate filter is an sqlite file (:class:`SeenHashes`).
 """
@@ -17,6 +20,7 @@ same duplicates. Memory: the duplicate filter is an sqlite file (:class:`SeenHas
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -26,7 +30,8 @@ import tempfile
 from dalle_ds.data import storage
 from dalle_ds.data.shards import MANIFEST, ShardWriter, build_manifest, count_drops, write_manifest
 from data_prep._shard_inputs import Source, _folder_groups
-from data_prep._shard_state import SeenHashes, local_state_path
+from data_prep._shard_filters import caption_key
+from data_prep._shard_state import OrderRules, SeenHashes, local_state_path
 
 FINALIZE = "_finalize"
 
@@ -43,10 +48,8 @@ def split_sources(sources: list[Source], part: int, num_parts: int) -> list[Sour
             size = dict(s.files)
             for url, caption in _folder_groups(s):
                 units.append((i, [(url, size[url])] + ([(caption, size[caption])] if caption else [])))
-        elif s.kind == "tar":
+        else:  # a tar or a table file is one unit
             units += [(i, [f]) for f in s.files]
-        else:
-            units.append((i, list(s.files)))
     lo, hi = len(units) * part // num_parts, len(units) * (part + 1) // num_parts
     out: list[Source] = []
     for i, files in units[lo:hi]:
@@ -87,43 +90,58 @@ def finalize(out: str, num_parts: int, fmt: str, reasons: tuple[str, ...]) -> di
             print(f"{storage.join(out, MANIFEST)}: already finalized ({done['samples']} samples); nothing to do")
             return done
     tag = fp[:16]
+    rules = _rules_of(manifests)
     db = local_state_path(out, "finalize-dedupe.sqlite")
     SeenHashes.remove_files(db)  # rebuilt from the shards every run: decisions come from the records
-    seen = SeenHashes(db, tag)
-    shards, drops, dup_rejects = [], count_drops(reasons, *(m["dropped"] for m in manifests)), []
+    seen = SeenHashes(db, tag, rules)
+    shards, drops, n_dropped = [], count_drops(reasons, *(m["dropped"] for m in manifests)), 0
+    offsets = [sum(m["inputs"] for m in manifests[:p]) for p in range(num_parts)]  # a part's first global index
+    spool = tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8")  # finalize's drops
     for p, (folder, m) in enumerate(zip(parts, manifests)):
         for sh in m["shards"]:
             url = storage.join(folder, sh["name"])
             record_url = storage.join(storage.join(out, FINALIZE), f"part-{p:05d}-{sh['name']}.json")
             record = storage.read_json(record_url) if storage.exists(record_url) else None
-            dups = {r["key"] for r in record["duplicates"]} if record else set()
+            decided = {r["key"] for r in record["duplicates"]} if record else set()
             found, kept = [], 0
             for key, members in _samples(url):
-                meta = json.loads(members["json"])
-                if key in dups:
+                if key in decided:
                     continue
-                kept += 1
-                if not seen.add(meta["pixel_hash"], 0):
-                    found.append({"key": key, "index": None, "source": meta["source"], "reason": "duplicate",
-                                  "detail": f"pixel hash {meta['pixel_hash']} kept in an earlier part"})
+                meta = json.loads(members["json"])
+                caption = caption_key(members["txt"].decode("utf-8"))
+                phash = int(meta["phash"], 16) if "phash" in meta else None
+                verdict = None if record else seen.check(meta["pixel_hash"], caption, phash)
+                if verdict is None:
+                    seen.keep(meta["pixel_hash"], caption, phash, 0)
+                    kept += 1
+                else:
+                    found.append({"key": key, "index": offsets[p] + int(key), "source": meta["source"],
+                                  "reason": verdict[0], "detail": verdict[1]})
             if record is None:
-                record = {"duplicates": found, "samples": kept - len(found)}
+                record = {"duplicates": found, "samples": kept}
                 storage.write_json_atomic(record_url, record)
                 if found:
                     _rewrite(folder, sh["name"], {r["key"] for r in found})
-            dup_rejects += record["duplicates"]
-            drops["duplicate"] += len(record["duplicates"])
+            for r in record["duplicates"]:
+                drops[r["reason"]] += 1
+                spool.write(json.dumps({k: v for k, v in r.items() if k != "key"}, ensure_ascii=False) + "\n")
+            n_dropped += len(record["duplicates"])
             shards.append({"name": f"part-{p:05d}/{sh['name']}", "samples": record["samples"]})
     seen.close()
     SeenHashes.remove_files(db)
-    with tempfile.NamedTemporaryFile("wb", suffix=".jsonl", delete=False) as rej:
-        for folder in parts:
+    spool.close()
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as rej:
+        for folder, offset in zip(parts, offsets):  # a part's indices count from its own first input
             with storage.open_read(storage.join(folder, "rejects.jsonl")) as f:
-                shutil.copyfileobj(f, rej, 1 << 20)
-        for r in dup_rejects:
-            rej.write((json.dumps({k: v for k, v in r.items() if k != "key"}, ensure_ascii=False) + "\n").encode())
+                for line in io.TextIOWrapper(f, encoding="utf-8"):
+                    r = json.loads(line)
+                    r["index"] += offset
+                    rej.write(json.dumps(r, ensure_ascii=False) + "\n")
+        with open(spool.name, encoding="utf-8") as f:
+            shutil.copyfileobj(f, rej, 1 << 20)
     storage.upload_file(rej.name, storage.join(out, "rejects.jsonl"))
     os.remove(rej.name)
+    os.remove(spool.name)
     config = {"num_parts": num_parts, "parts": [m["config"] for m in manifests]}
     modified = {"caption_truncated": sum(m.get("modified", {}).get("caption_truncated", 0) for m in manifests)}
     manifest = build_manifest(fmt, "data_prep/shard_corpus.py --finalize", shards, drops, "rejects.jsonl", config, fp,
@@ -137,8 +155,18 @@ def finalize(out: str, num_parts: int, fmt: str, reasons: tuple[str, ...]) -> di
     if not storage.is_s3(out) and os.path.isdir(storage.join(out, FINALIZE)):
         os.rmdir(storage.join(out, FINALIZE))
     print(f"{url}: {num_parts} part(s), kept {manifest['samples']} of {manifest['inputs']} inputs in "
-          f"{len(shards)} shard(s); {len(dup_rejects)} cross-part duplicate(s) removed")
+          f"{len(shards)} shard(s); {n_dropped} removed by the order-dependent filters")
     return manifest
+
+
+def _rules_of(manifests: list[dict]) -> OrderRules:
+    """The order-dependent filters the parts were run with (they must agree: one job split in parts)."""
+    rules = {json.dumps({k: m["config"].get(k) for k in ("phash_distance", "max_caption_repeats")}, sort_keys=True)
+             for m in manifests}
+    if len(rules) != 1:
+        raise SystemExit(f"finalize: the parts were run with different --phash-distance / --max-caption-repeats: "
+                         f"{sorted(rules)}")
+    return OrderRules(**json.loads(rules.pop()))
 
 
 def _rewrite(folder: str, name: str, drop_keys: set[str]) -> None:

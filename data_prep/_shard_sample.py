@@ -32,6 +32,7 @@ DROP_REASONS = (
     "caption_too_short",
     "caption_too_long",  # longer than max_caption_bytes with long_caption="drop"
     "caption_boilerplate",  # matches one of SampleConfig.boilerplate (e.g. "IMG 1234", "stock photo")
+    "caption_language",  # detected language not in SampleConfig.languages, or below min_language_confidence
     "read_error",  # the image file / S3 object / tar cannot be read
     "empty_file",
     "file_too_large",
@@ -69,6 +70,19 @@ class SampleConfig:
     max_caption_bytes: int = 2048  # UTF-8 bytes after whitespace normalisation (the prior reads 256 tokens)
     long_caption: str = "truncate"  # or "drop": what happens to a longer caption (either way counted)
     boilerplate: tuple[str, ...] = DEFAULT_BOILERPLATE  # regexes; a caption matching one is dropped
+    languages: tuple[str, ...] = ()  # ISO 639-1 codes a caption may be in (py3langid); () = any
+    min_language_confidence: float = 0.0  # the detector's probability for an allowed language below this -> drop
+    phash: bool = False  # compute the 64-bit pHash (for --phash-distance) into the sample's .json
+
+    def __post_init__(self):
+        if self.languages:
+            from data_prep._shard_filters import language_codes
+
+            unknown = sorted(set(self.languages) - set(language_codes()))
+            if unknown:
+                raise ValueError(f"--languages: unknown code(s) {unknown}; the detector knows {language_codes()}")
+        if not 0.0 <= self.min_language_confidence <= 1.0:
+            raise ValueError(f"--min-language-confidence={self.min_language_confidence}: must be in [0, 1]")
 
 
 @dataclass
@@ -95,6 +109,7 @@ class Outcome:
     meta: dict | None = None
     pixel_hash: str = ""
     truncated: bool = False  # the caption was cut to max_caption_bytes
+    phash: int | None = None  # 64-bit perceptual hash when SampleConfig.phash
 
 
 class Drop(Exception):
@@ -116,7 +131,14 @@ def process(item: Item, cfg: SampleConfig) -> Outcome:
     except Drop as d:
         return Outcome(item.index, item.source, d.reason, d.detail)
     meta = {"source": item.source, "width": width, "height": height, "mode": mode, "pixel_hash": pixel_hash}
-    return Outcome(item.index, item.source, None, "", jpg, caption.encode("utf-8"), meta, pixel_hash, truncated)
+    phash = None
+    if cfg.phash:  # of the original pixels, so a finalize over parts sees what a single run saw
+        from data_prep._shard_filters import perceptual_hash
+
+        phash = perceptual_hash(rgb)
+        meta["phash"] = f"{phash:016x}"
+    return Outcome(item.index, item.source, None, "", jpg, caption.encode("utf-8"), meta, pixel_hash, truncated,
+                   phash)
 
 
 def process_batch(items: list[Item], cfg: SampleConfig) -> list[Outcome]:
@@ -169,7 +191,18 @@ def _caption(item: Item, cfg: SampleConfig) -> str:
     for pattern in _compiled(cfg.boilerplate):
         if pattern.search(text):
             raise Drop("caption_boilerplate", f"{text[:200]!r} matches {pattern.pattern!r}")
+    if cfg.languages:
+        _check_language(text, cfg)
     return text
+
+
+def _check_language(text: str, cfg: SampleConfig) -> None:
+    from data_prep._shard_filters import caption_language
+
+    lang, prob = caption_language(text)
+    if lang not in cfg.languages or prob < cfg.min_language_confidence:
+        raise Drop("caption_language", f"{text[:200]!r}: {lang} (p={prob:.2f}); allowed {list(cfg.languages)}"
+                   + (f" with p >= {cfg.min_language_confidence:g}" if cfg.min_language_confidence else ""))
 
 
 @functools.lru_cache(maxsize=8)

@@ -49,13 +49,14 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from tqdm import tqdm  # noqa: E402
 
 from dalle_ds.cli_args import Parser, run  # noqa: E402
-from dalle_ds.config import at_least  # noqa: E402
+from dalle_ds.config import ConfigError, at_least  # noqa: E402
 from dalle_ds.data import storage  # noqa: E402
 from dalle_ds.data.shards import (  # noqa: E402
     MANIFEST, Progress, ShardWriter, build_manifest, count_drops, write_manifest,
 )
 from data_prep._shard_parts import finalize, part_folder, split_sources  # noqa: E402
-from data_prep._shard_state import ResumeState, shard_name  # noqa: E402
+from data_prep._shard_filters import caption_key  # noqa: E402
+from data_prep._shard_state import OrderRules, ResumeState, shard_name  # noqa: E402
 from data_prep._shard_inputs import Source, discover, fingerprint, iter_items, known_count  # noqa: E402
 from data_prep._shard_sample import (  # noqa: E402
     DEFAULT_BOILERPLATE, DROP_REASONS, Item, Outcome, SampleConfig, meta_bytes, process, process_batch,
@@ -84,6 +85,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="drop captions matching this (case-insensitive search; repeatable) as caption_boilerplate")
     p.add_argument("--no-default-boilerplate", action="store_true",
                    help="do not use the built-in boilerplate patterns (_shard_sample.DEFAULT_BOILERPLATE)")
+    p.add_argument("--languages", nargs="+", default=[], metavar="CODE",
+                   help="keep only captions detected (py3langid) as one of these ISO 639-1 codes, e.g. en; "
+                        "others are dropped as caption_language (default: any language)")
+    p.add_argument("--min-language-confidence", type=float, default=0.0,
+                   help="with --languages: also drop captions whose detected language has probability below this "
+                        "(short captions score low: 0.1-0.6 for 4-word English)")
+    p.add_argument("--max-caption-repeats", type=at_least(1), default=None, metavar="N",
+                   help="keep the first N samples (input order) of each caption (case-insensitive); later ones are "
+                        "dropped as caption_repeated (default: no limit)")
+    p.add_argument("--phash-distance", type=int, default=None, metavar="D",
+                   help="drop an image whose 64-bit pHash is within D bits of an earlier kept image's as "
+                        "near_duplicate (0-16; 0 = equal pHash; default: off)")
     p.add_argument("--max-pixels", type=at_least(1), default=1 << 26, help="decompression-bomb cap on width*height")
     p.add_argument("--max-file-mb", type=float, default=64.0)
     p.add_argument("--jpeg-quality", type=int, default=95)
@@ -110,15 +123,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.s3_endpoint:
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint  # workers inherit it; never written anywhere
-    cfg = SampleConfig(image_size=args.image_size, min_size=args.min_size, max_aspect=args.max_aspect,
-                       min_caption_words=args.min_caption_words, max_pixels=args.max_pixels,
-                       max_file_bytes=int(args.max_file_mb * (1 << 20)), jpeg_quality=args.jpeg_quality,
-                       max_caption_bytes=args.max_caption_bytes, long_caption=args.long_captions,
-                       boilerplate=(() if args.no_default_boilerplate else DEFAULT_BOILERPLATE)
-                       + tuple(args.boilerplate_pattern))
+    try:
+        cfg, rules = _filters(args)
+    except ValueError as e:  # an unknown language code, a distance out of range: one error line, exit 2
+        raise ConfigError(str(e)) from None
     config = {"inputs": args.input, "samples_per_shard": args.samples_per_shard, "prefix": args.prefix,
-              "image_column": args.image_column, "caption_column": args.caption_column, **asdict(cfg)}
-    config["boilerplate"] = list(cfg.boilerplate)  # as JSON holds it, so a re-run compares equal
+              "image_column": args.image_column, "caption_column": args.caption_column, **asdict(cfg),
+              **asdict(rules)}
+    for key in ("boilerplate", "languages"):  # as JSON holds them, so a re-run compares equal
+        config[key] = list(config[key])
 
     out = args.output.rstrip("/")
     part, num_parts = _array_part(args.part, args.num_parts)
@@ -145,7 +158,12 @@ def main(argv: list[str] | None = None) -> dict:
         storage.write_json_atomic(storage.join(Progress(out).folder, LISTING),
                                   {"config": config, "sources": [[s.kind, s.url, s.files] for s in sources]})
 
-    state = ResumeState.load(out, args.prefix, job)
+    # The filters that judge a sample against earlier kept ones (duplicates, near-duplicates, repeated
+    # captions) run here for a single run; a part leaves them to --finalize, which applies them to the
+    # parts' samples in input order: an earlier part's verdicts change which later samples are kept,
+    # so only the merge can reproduce a single run exactly.
+    judge_here = num_parts == 1
+    state = ResumeState.load(out, args.prefix, job, rules if judge_here else OrderRules())
     total = known_count(sources)
     if state.records:
         print(f"resuming after {len(state.records)} finished shard(s) at input {state.next_item}"
@@ -162,8 +180,11 @@ def main(argv: list[str] | None = None) -> dict:
         for outcome in _run(items, cfg, args.workers):
             n_items = outcome.index + 1
             bar.update(1)
-            if outcome.reason is None and not state.seen.add(outcome.pixel_hash, state.shard_index):
-                outcome.reason, outcome.detail = "duplicate", f"pixel hash {outcome.pixel_hash} already kept"
+            caption = caption_key(outcome.txt.decode("utf-8")) if outcome.reason is None else b""
+            if outcome.reason is None and judge_here:
+                verdict = state.seen.check(outcome.pixel_hash, caption, outcome.phash)
+                if verdict is not None:
+                    outcome.reason, outcome.detail = verdict
             if outcome.reason is not None:
                 state.drop(outcome)
                 n_dropped += 1
@@ -172,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
                 writer = ShardWriter(out, shard_name(args.prefix, state.shard_index))
             writer.add(f"{outcome.index:09d}",
                        {"jpg": outcome.jpg, "txt": outcome.txt, "json": meta_bytes(outcome.meta)})
-            state.keep(outcome.pixel_hash, outcome.truncated)
+            state.keep(outcome.pixel_hash, outcome.truncated, caption, outcome.phash)
             if writer.count == args.samples_per_shard:
                 state.finish(writer, next_item=n_items)
                 writer = None
@@ -185,6 +206,18 @@ def main(argv: list[str] | None = None) -> dict:
         raise
     bar.close()
     return _finalise(out, state, config, fp, n_items)
+
+
+def _filters(args: argparse.Namespace) -> tuple[SampleConfig, OrderRules]:
+    cfg = SampleConfig(image_size=args.image_size, min_size=args.min_size, max_aspect=args.max_aspect,
+                       min_caption_words=args.min_caption_words, max_pixels=args.max_pixels,
+                       max_file_bytes=int(args.max_file_mb * (1 << 20)), jpeg_quality=args.jpeg_quality,
+                       max_caption_bytes=args.max_caption_bytes, long_caption=args.long_captions,
+                       boilerplate=(() if args.no_default_boilerplate else DEFAULT_BOILERPLATE)
+                       + tuple(args.boilerplate_pattern), languages=tuple(args.languages),
+                       min_language_confidence=args.min_language_confidence, phash=args.phash_distance is not None)
+    rules = OrderRules(phash_distance=args.phash_distance, max_caption_repeats=args.max_caption_repeats)
+    return cfg, rules
 
 
 # ---------------------------------------------------------------- workers
