@@ -162,7 +162,7 @@ def test_latest_naming_a_missing_folder_is_an_error(tmp_path):
 
 def test_register_stateful_refuses_reserved_and_duplicate_names():
     ck = Checkpointer.__new__(Checkpointer)
-    ck._stateful = {}
+    ck._stateful, ck._scopes = {}, {}
     ck.register_stateful("data", Counter())
     for name in ("data", "rng", "step"):
         with pytest.raises(ValueError, match=name):

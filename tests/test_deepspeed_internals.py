@@ -120,6 +120,20 @@ def test_partition_grads_signature_and_the_padding_filter_we_repeat():
 
 
 # (object, what its source must contain): attributes set or read, and the call sites we rely on
+# node_local_checkpoint: every place DeepSpeed's save/load takes the dp rank, the dp world size or the
+# "do I write" flags, which it swaps for the node's partition group for one save or load
+NODE_LOCAL_CHECKPOINT = [
+    ("_configure_checkpointing", "self.save_non_zero_checkpoint = True"),
+    ("_configure_checkpointing", "self.save_zero_checkpoint = param_rank == dp_rank"),
+    ("save_checkpoint", "if self.save_zero_checkpoint:"),
+    ("_save_checkpoint", "if self.save_non_zero_checkpoint:"),
+    ("_get_ckpt_name", "pp_rank = dist.get_rank(group=self.optimizer.dp_process_group)"),
+    ("_get_zero_ckpt_name", "pp_rank = dist.get_rank(group=self.optimizer.dp_process_group)"),
+    ("_common_checkpoint_state", "dp_world_size=self.seq_dp_world_size"),
+    ("_load_zero_checkpoint", "self.seq_dp_world_size != self.loaded_checkpoint_dp_world_size"),
+    ("_get_all_zero_checkpoint_names", "dp_world_size=self.loaded_checkpoint_dp_world_size"),
+    ("_get_all_zero_checkpoint_state_dicts", "dist.get_rank(group=self.optimizer.dp_process_group) == i"),
+]
 SOURCES = [
     ("deepspeed.comm.torch:TorchBackend.__init__", "build_shm_op()"),
     (STAGE3 + ".__init__", "self.clip_grad = clip_grad"),
@@ -134,6 +148,10 @@ SOURCES = [
      "from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3"),
     ("deepspeed.runtime.config:DeepSpeedConfig._initialize_params", "self.gradient_clipping = "),
     (STAGE3 + ".step", "self._overflow_check_and_loss_scale_update(update_scale=False)"),
+] + [("deepspeed.runtime.engine:DeepSpeedEngine." + fn, needle) for fn, needle in NODE_LOCAL_CHECKPOINT] + [
+    (STAGE3 + ".__init__", "self.partition_count = dist.get_world_size(group=self.dp_process_group)"),
+    (STAGE3 + "._rigid_state_dict", "state_dict[PARTITION_COUNT] = self.partition_count"),
+    (STAGE3 + ".load_state_dict", "state_dict_list[dist.get_rank(group=self.dp_process_group)]"),
 ]
 PARAM_ATTRIBUTES = ["param.ds_shape = ", "param.ds_numel = ", "param.ds_tensor = ", "param.ds_id = ",
                     "param.partition_numel = partition_numel"]
@@ -241,7 +259,8 @@ def test_call_after_step_runs_after_each_step():
 OTHERS = ["engine.py", "hierarchy.py", "block_scaling.py", "checkpoint.py", "powersgd.py"]
 FORBIDDEN = [r"deepspeed\.runtime", r"zero_to_fp32\b", r"deepspeed\.accelerator", r"deepspeed\.comm\.torch",
              r"\._config\b", r"\.clip_grad\b", r"_get_param_partition_rank", r"_overflow_check",
-             r"\bpartition_numel\b", r"\.ds_(tensor|numel|shape|id)\b", r"is_fp16_supported\s*="]
+             r"\bpartition_numel\b", r"\.ds_(tensor|numel|shape|id)\b", r"is_fp16_supported\s*=",
+             r"save_(non_)?zero_checkpoint\b", r"seq_dp_world_size", r"\.dp_process_group\b", r"\.partition_count\b"]
 
 
 @pytest.mark.parametrize("name", OTHERS)

@@ -1,9 +1,10 @@
 """Checkpoints: DeepSpeed's shards plus the project's state, an atomic ``latest``, keep the last K.
 
-    ckpt = Checkpointer.from_config(engine, cfg.run.dir, cfg.checkpoint)   # root: <run.dir>/checkpoints
-    # or Checkpointer(engine, root, every_steps, keep_last, signals=(SIGTERM, SIGUSR1))
-    ckpt.register_stateful("schedule", sched)      # anything with state_dict / load_state_dict
-    ckpt.register_stateful("data", loader)         # per-rank objects are saved per rank
+    ckpt = Checkpointer.from_config(engine, cfg.run.dir, cfg.checkpoint, node_groups=hierarchy.groups)
+    # or Checkpointer(engine, root, every_steps, keep_last, signals=(SIGTERM, SIGUSR1), node_groups=None)
+    ckpt.register_stateful("schedule", sched, scope="replicated")   # state_dict / load_state_dict
+    ckpt.register_stateful("data", loader, scope="redistributed")   # + load_rank_states (see scopes)
+    ckpt.register_stateful("powersgd", hierarchy.checkpoint_state(), scope="node_replica")
     state = ckpt.resume()                          # the saved state dict, or None with no ``latest``
     step = state["step"] if state else 0
     for ...:
@@ -17,29 +18,70 @@
 
 Layout of ``root``::
 
-    step_00000200/                DeepSpeed's tag folder (model/optimizer shards per rank)
-    step_00000200/project/rank_00000.pt   this rank's state: step, world_size, RNG (python, numpy,
-                                           torch, cuda), ``client_state`` passed to ``save``, and
-                                           every registered object's state_dict under its name
+    step_00000200/                DeepSpeed's tag folder: model/optimizer shards, one file pair per
+                                  partition (zero_pp_rank_<i>_mp_rank_00_{model,optim}_states.pt)
+    step_00000200/project/layout.json        world size, node size, number of nodes (rank 0)
+    step_00000200/project/rank_00000.pt      this rank's state: step, world_size, RNG (python, numpy,
+                                             torch, cuda), ``client_state`` passed to ``save``, and
+                                             the state_dict of every "rank" / "replicated" object
+    step_00000200/project/all_ranks.pt       every rank's state of the "redistributed" objects (rank 0)
+    step_00000200/project/node_rank_00000.pt the "node_replica" objects of node-local rank i (node 0)
     latest                        "step_00000200", written (tmp + rename) by rank 0 only after
                                   every rank has finished writing (a barrier), so a crash
                                   mid-save leaves the previous checkpoint the one resumed.
 
+One copy of the model state (#15). With hierarchical ZeRO (``node_groups``: ZeRO-3 partitions
+parameters inside each node, nodes are replicas) DeepSpeed would key its files by the global
+rank: every node wrote the same optimizer state again (about 19 TB per checkpoint for the 12B
+model on 128 nodes), and the files claimed ``world_size`` partitions of a ``node_size`` split,
+which ``zero_to_fp32`` (export) cannot read. Here DeepSpeed saves and loads as if the first node
+were the whole data-parallel world (:func:`dalle_ds.parallel.deepspeed_internals.node_local_checkpoint`):
+only node 0's ranks write, file ``i`` holds node-local partition ``i``, and the checkpoint is a
+flat ZeRO-3 checkpoint of ``node_size`` ranks, the same bytes as a flat ZeRO-3 checkpoint of the
+model (tests/test_checkpoint_hierarchical.py measures it) and exported by the same code. Every
+node loads it (rank ``i`` of each node reads file ``i``), so a run resumes on any number of nodes
+of the same size; another node size (another partition) is refused with both sizes named. Flat
+runs (no ``node_groups``) keep DeepSpeed's layout, and resume on the same number of ranks only.
+
+Scopes of registered state (``register_stateful(name, obj, scope)``), and what happens when the
+number of ranks changes between save and resume:
+
+- ``rank`` (default): this rank's own state, saved per rank; another world size is refused,
+  naming the object (e.g. the dVAE trainer's loader, whose position is per rank).
+- ``replicated``: the same on every rank (LR schedule, block scales): saved per rank; on another
+  world size rank ``r`` restores it from rank ``r mod old_world``. RNG states are restored this way
+  too (every rank seeds alike; the streams of a resized run are not those of an unresized one).
+- ``redistributed``: per-rank state another world size can re-split: every rank's state is
+  gathered into ``all_ranks.pt`` and every rank gets the whole list, ``obj.load_rank_states(states)``
+  (old rank order), e.g. :class:`dalle_ds.data.virtual_ranks.VirtualRankLoader`, whose data
+  position stays exactly-once on any world size that divides its number of virtual ranks.
+- ``node_replica``: ``obj.state_dict()`` is collective and returns the same state on every node for
+  a node-local rank; only node 0's ranks write it. PowerSGD's error buffers differ across nodes,
+  but the averaged update depends only on their mean over nodes (the 16-bit payload's rounding
+  aside), so :meth:`dalle_ds.parallel.hierarchy.Hierarchy.checkpoint_state` saves that mean, one
+  copy, and every node resumes with it, on any number of nodes: the next updates are the ones the
+  uninterrupted run makes. Per-rank buffers would have cost N copies of a gradient-sized fp32
+  buffer: 12B x 4 B = 48 GB per node, 6.1 TB per checkpoint on 128 nodes. The one copy costs
+  4 B per compressed parameter (up to 48 GB at 12B, about a third of the model state) and one
+  cross-node all-reduce per checkpoint. Buffers that cannot be re-split (another node size,
+  a run with one node, which does not compress) are reset with a logged warning.
+
 DeepSpeed is called with ``save_latest=False``: its own ``latest`` file would move before the
 project state exists. Signals only set a flag; at the step boundary ``should_save`` all-reduces
 it, so every rank checkpoints at the same step even when the signal reached one rank only.
-Checkpoints need a file system every rank sees (as DeepSpeed's do). ``resume`` refuses a
-checkpoint written by another number of ranks (data positions and RNG states are per rank) and
-loads DeepSpeed's optimizer states but not its LR scheduler (the schedule is a registered object).
+Checkpoints need a file system every rank sees (as DeepSpeed's do). ``resume`` loads DeepSpeed's
+optimizer states but not its LR scheduler (the schedule is a registered object). Project files
+are read with ``map_location="cpu"``; objects copy what they need onto their own devices.
 
 Export: ``export(root, out_dir, model_config, tag=None)`` writes ``model.safetensors`` (consolidated
 fp32 from checkpoint ``tag``, default the latest, via DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``
 in :mod:`dalle_ds.parallel.deepspeed_internals`; no huggingface_hub needed) and ``config.json``;
-``load_export(out_dir)`` reads both back.
+``load_export(out_dir)`` reads both back. Flat and hierarchical checkpoints export alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -132,15 +174,22 @@ def read_latest(root: str | Path) -> str | None:
     return tag
 
 
+SCOPES = ("rank", "replicated", "redistributed", "node_replica")
+LAYOUT = "layout.json"
+
+
 class Checkpointer:
     """Saves and resumes one run's checkpoints under ``root`` (see the module docstring): every
-    ``every_steps`` steps, keeping the last ``keep_last``; ``signals`` only set a stop flag."""
+    ``every_steps`` steps, keeping the last ``keep_last``; ``signals`` only set a stop flag.
+    ``node_groups`` (hierarchical ZeRO): the model state is written once, by the first node."""
 
     def __init__(self, engine: Any, root: str | Path, every_steps: int, keep_last: int,
-                 signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
+                 signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1), node_groups: Any = None):
         self.engine, self.root = engine, Path(root)
         self.every_steps, self.keep_last = every_steps, keep_last
+        self.node_groups = node_groups
         self._stateful: dict[str, Stateful] = {}
+        self._scopes: dict[str, str] = {}
         self._signal: int = 0
         self.stop_requested = False
         self.last_saved_step: int | None = None
@@ -148,17 +197,44 @@ class Checkpointer:
             signal.signal(sig, self._on_signal)
 
     @classmethod
-    def from_config(cls, engine: Any, run_dir: str | Path, cfg: Any) -> "Checkpointer":
-        return cls(engine, Path(run_dir) / "checkpoints", cfg.every_steps, cfg.keep_last)
+    def from_config(cls, engine: Any, run_dir: str | Path, cfg: Any, node_groups: Any = None) -> "Checkpointer":
+        return cls(engine, Path(run_dir) / "checkpoints", cfg.every_steps, cfg.keep_last, node_groups=node_groups)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signal = signum  # acted on at the next step boundary (should_save)
 
-    def register_stateful(self, name: str, obj: Stateful) -> None:
-        """Save ``obj.state_dict()`` with every checkpoint (per rank); restore it on resume."""
-        if name in self._stateful or name in ("rng", "step", "client"):
+    def register_stateful(self, name: str, obj: Stateful, scope: str = "rank") -> None:
+        """Save ``obj.state_dict()`` with every checkpoint; restore it on resume (``scope``: the
+        module docstring)."""
+        if name in self._stateful or name in ("rng", "step", "client", "world_size", "node_size"):
             raise ValueError(f"register_stateful: name {name!r} is already taken")
+        if scope not in SCOPES:
+            raise ValueError(f"register_stateful({name!r}): scope={scope!r}, expected one of {SCOPES}")
+        if scope == "redistributed" and not hasattr(obj, "load_rank_states"):
+            raise TypeError(f"register_stateful({name!r}, scope='redistributed'): {type(obj).__name__} has no "
+                            "load_rank_states(states)")
         self._stateful[name] = obj
+        self._scopes[name] = scope
+
+    def _names(self, *scopes: str) -> list[str]:
+        return [n for n, s in self._scopes.items() if s in scopes]
+
+    # -- the layout
+    @property
+    def node_size(self) -> int:
+        return self.node_groups.node_size if self.node_groups is not None else _world()
+
+    def _node_local_rank(self) -> int:
+        return get_rank() % self.node_size if self.node_groups is not None else get_rank()
+
+    def _first_node(self) -> bool:
+        return self.node_groups is None or self.node_groups.node_index == 0
+
+    def _deepspeed(self, writes: bool = True):
+        """DeepSpeed's save/load as one node's flat ZeRO-3 (hierarchical), or as it is (flat)."""
+        if self.node_groups is None:
+            return contextlib.nullcontext()
+        return ds_internals.node_local_checkpoint(self.engine.ds, self.node_groups.intra, writes)
 
     # -- save
     def should_save(self, step: int) -> bool:
@@ -172,7 +248,7 @@ class Checkpointer:
         return self.stop_requested or (step > 0 and step % self.every_steps == 0)
 
     def save(self, step: int, client_state: dict[str, Any] | None = None) -> Path:
-        """Collective. Writes DeepSpeed's shards and this rank's project state, then ``latest``."""
+        """Collective. Writes DeepSpeed's shards and the project state, then ``latest``."""
         tag = tag_for(step)
         folder = self.root / tag
         if get_rank() == 0:
@@ -182,15 +258,26 @@ class Checkpointer:
                     raise FileExistsError(f"{folder}: already the latest checkpoint")
                 shutil.rmtree(folder)
         barrier()
-        self.engine.ds.save_checkpoint(str(self.root), tag=tag, client_state={"step": step},
-                                       save_latest=False)
-        state = {"step": step, "world_size": _world(), "rng": rng_state(), "client": client_state or {},
-                 **{name: obj.state_dict() for name, obj in self._stateful.items()}}
+        with self._deepspeed(writes=self._first_node()):
+            self.engine.ds.save_checkpoint(str(self.root), tag=tag, client_state={"step": step},
+                                           save_latest=False)
         project = folder / "project"
         project.mkdir(parents=True, exist_ok=True)
-        path = project / f"rank_{get_rank():05d}.pt"
-        torch.save(state, path.with_suffix(".pt.tmp"))
-        path.with_suffix(".pt.tmp").replace(path)
+        state = {"step": step, "world_size": _world(), "node_size": self.node_size, "rng": rng_state(),
+                 "client": client_state or {},
+                 **{name: self._stateful[name].state_dict() for name in self._names("rank", "replicated")}}
+        _save_atomic(state, project / f"rank_{get_rank():05d}.pt")
+        # collectives, on every rank, in registration order
+        gathered = {name: _gather_objects(self._stateful[name].state_dict())
+                    for name in self._names("redistributed")}
+        node_state = {name: self._stateful[name].state_dict() for name in self._names("node_replica")}
+        if node_state and self._first_node():
+            _save_atomic(node_state, project / f"node_rank_{self._node_local_rank():05d}.pt")
+        if get_rank() == 0:
+            if gathered:
+                _save_atomic(gathered, project / "all_ranks.pt")
+            layout = {"world_size": _world(), "node_size": self.node_size, "num_nodes": _world() // self.node_size}
+            _write_text_atomic(project / LAYOUT, json.dumps(layout) + "\n")
         self._commit(tag)
         self.last_saved_step = step
         return folder
@@ -218,25 +305,86 @@ class Checkpointer:
         tag = read_latest(self.root)
         if tag is None:
             return None
-        path = self.root / tag / "project" / f"rank_{get_rank():05d}.pt"
+        project = self.root / tag / "project"
+        saved_world, saved_node = self._saved_layout(project)
+        world, rank = _world(), get_rank()
+        if saved_node != self.node_size:
+            raise ValueError(f"{project / LAYOUT}: the model state is partitioned over {saved_node} ranks "
+                             f"({'nodes of that size' if saved_world != saved_node else 'a flat ZeRO-3 run'}); "
+                             f"this run partitions over {self.node_size}"
+                             f"{' (nodes of that size)' if self.node_groups is not None else ' (flat ZeRO-3)'}: "
+                             f"resume with the same node size (powersgd.node_size)")
+        if saved_world != world:
+            refused = self._names("rank")
+            if refused:
+                raise ValueError(f"{project}: saved by {saved_world} ranks, resuming with {world}: the state of "
+                                 f"{refused} is per rank and cannot be re-split (register it with another scope)")
+            print0(f"checkpoint: WARNING {self.root / tag} was saved by {saved_world} ranks "
+                   f"({saved_world // saved_node} nodes of {saved_node}), resuming on {world} "
+                   f"({world // self.node_size} nodes); RNG streams are taken from rank r mod {saved_world}")
+        path = project / f"rank_{rank % saved_world:05d}.pt"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; was {self.root / tag} written by {_world()} ranks?")
-        state = torch.load(path, weights_only=False)
-        if state["world_size"] != _world():
-            raise ValueError(f"{path}: saved by {state['world_size']} ranks, resuming with {_world()}: "
-                             f"the data position and RNG states are per rank")
-        load_path, _ = self.engine.ds.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
-                                                       load_lr_scheduler_states=False)
+            raise FileNotFoundError(f"{path}: missing; was {self.root / tag} written by {saved_world} ranks?")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["world_size"] != saved_world:
+            raise ValueError(f"{path}: saved by {state['world_size']} ranks, but {project / LAYOUT} says {saved_world}")
+        with self._deepspeed():
+            load_path, _ = self.engine.ds.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
+                                                           load_lr_scheduler_states=False)
         if load_path is None:
             raise FileNotFoundError(f"{self.root / tag}: DeepSpeed found no checkpoint there")
-        for name, obj in self._stateful.items():
+        for name in self._names("rank", "replicated"):
             if name not in state:
                 raise KeyError(f"{path}: no state for {name!r} (has {sorted(state)})")
-            obj.load_state_dict(state[name])
+            self._stateful[name].load_state_dict(state[name])
+        if self._names("redistributed"):
+            all_path = project / "all_ranks.pt"
+            gathered = torch.load(all_path, map_location="cpu", weights_only=False)
+            for name in self._names("redistributed"):
+                if name not in gathered or len(gathered[name]) != saved_world:
+                    raise KeyError(f"{all_path}: no state of {saved_world} ranks for {name!r} (has {sorted(gathered)})")
+                self._stateful[name].load_rank_states(gathered[name])
+        if self._names("node_replica"):
+            node_path = project / f"node_rank_{self._node_local_rank():05d}.pt"
+            node_state = torch.load(node_path, map_location="cpu", weights_only=False)
+            for name in self._names("node_replica"):
+                if name not in node_state:
+                    raise KeyError(f"{node_path}: no state for {name!r} (has {sorted(node_state)})")
+                self._stateful[name].load_state_dict(node_state[name])
         set_rng_state(state["rng"])
         self.last_saved_step = state["step"]
         print0(f"checkpoint: resumed from {self.root / tag} at step {state['step']}")
         return state
+
+    def _saved_layout(self, project: Path) -> tuple[int, int]:
+        """(world size, node size) of the checkpoint; one written before layout.json is flat ZeRO-3."""
+        path = project / LAYOUT
+        if not path.is_file():
+            old = project / f"rank_{get_rank():05d}.pt"
+            if not old.is_file():
+                raise FileNotFoundError(f"{path}: missing, and so is {old}")
+            world = torch.load(old, map_location="cpu", weights_only=False)["world_size"]
+            return world, world
+        try:
+            layout = json.loads(path.read_text())
+            return int(layout["world_size"]), int(layout["node_size"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a checkpoint layout ({e!r})") from None
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (small, picklable), in rank order."""
+    if _world() == 1:
+        return [obj]
+    out: list[Any] = [None] * _world()
+    torch_dist.all_gather_object(out, obj)
+    return out
 
 
 # ---------------------------------------------------------------- export

@@ -54,6 +54,15 @@ again, outside the skip switch)           ``_get_norm_groups``              touc
 ``checkpoint(checkpoint_dir, tag, ...)``                                    offline; its CLI script would need
                                                                             huggingface_hub
                                                                             (``fp32_state_dict_from_zero_checkpoint``)
+``DeepSpeedEngine.save_zero_checkpoint``  deepspeed/runtime/engine.py       hierarchical ZeRO checkpoints hold one
+``.save_non_zero_checkpoint``,            ``_configure_checkpointing``,     copy of the model state: for one save
+``.seq_dp_world_size``,                   ``save_checkpoint``,              or load DeepSpeed sees the node as its
+``Stage3.dp_process_group``,              ``_get_ckpt_name``,               whole data-parallel world (files keyed
+``.partition_count`` (set for one save    ``_get_zero_ckpt_name``,          by the node-local rank, partition_count
+or load, then restored)                   ``_common_checkpoint_state``,     and dp_world_size = node size), and only
+                                          ``_load_zero_checkpoint``;        the first node writes
+                                          stage3.py ``_rigid_state_dict``,  (``node_local_checkpoint``)
+                                          ``load_state_dict``
 ``LOCAL_RANK`` read as the CUDA device     runtime/engine.py ``DeepSpeed``   one GPU bound per task (LOCAL_RANK 3, one
 index (read by DeepSpeed; we rewrite the  ``Engine._configure_with_``       visible GPU): ``dist.init_distributed``
 environment variable)                     ``arguments`` + ``_set_``         sets LOCAL_RANK = LOCAL_RANK % count
@@ -84,10 +93,11 @@ ZeRO-3 parameter attributes               deepspeed/runtime/zero/           size
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import warnings
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -398,6 +408,36 @@ def fp32_state_dict_from_zero_checkpoint(root: str, tag: str) -> dict[str, torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+
+
+@contextlib.contextmanager
+def node_local_checkpoint(ds_engine: Any, partition_group: Any, writes: bool) -> Iterator[None]:
+    """Within this block ``ds_engine.save_checkpoint`` / ``load_checkpoint`` treat ``partition_group`` (the
+    ranks ZeRO-3 partitions parameters over: one node under hierarchical ZeRO) as the whole data-parallel
+    world: DeepSpeed names its files by the rank in that group and records ``partition_count`` and
+    ``dp_world_size`` = its size, so the files of one node are a complete flat ZeRO-3 checkpoint of that
+    many ranks (``zero_to_fp32`` reads it; another number of nodes of the same size loads it, each rank
+    the file of its node-local rank). ``writes=False`` (the ranks of every other node) suppresses every
+    file DeepSpeed would write; those ranks still take part in the save's collectives. Without this,
+    DeepSpeed keys files by the global rank, so every node wrote a full copy of the optimizer state
+    and ``partition_count`` claimed world-size partitions of a node-size split."""
+    import torch.distributed as torch_dist
+
+    ensure_version()
+    opt = ds_engine.optimizer
+    if not hasattr(opt, "dp_process_group") or not hasattr(opt, "partition_count"):
+        raise TypeError(f"node_local_checkpoint needs a ZeRO-3 optimizer, got {type(opt).__name__}")
+    saved = (opt.dp_process_group, opt.partition_count, ds_engine.seq_dp_world_size,
+             ds_engine.save_zero_checkpoint, ds_engine.save_non_zero_checkpoint)
+    size = torch_dist.get_world_size(partition_group)
+    opt.dp_process_group, opt.partition_count, ds_engine.seq_dp_world_size = partition_group, size, size
+    if not writes:
+        ds_engine.save_zero_checkpoint = ds_engine.save_non_zero_checkpoint = False
+    try:
+        yield
+    finally:
+        (opt.dp_process_group, opt.partition_count, ds_engine.seq_dp_world_size,
+         ds_engine.save_zero_checkpoint, ds_engine.save_non_zero_checkpoint) = saved
 
 
 def zero3_state_tensors(opt: Any, params: Any = ()) -> dict[str, list[torch.Tensor]]:

@@ -41,7 +41,7 @@ import torch
 
 from dalle_ds.config import PowerSGDConfig
 from dalle_ds.parallel import deepspeed_internals as ds_internals
-from dalle_ds.parallel.dist import NodeGroups, build_node_groups
+from dalle_ds.parallel.dist import NodeGroups, all_reduce_, all_reduce_values, build_node_groups, get_rank, print0
 from dalle_ds.parallel.powersgd import ExactAverager, PowerSGD, Shard, build_averager
 
 _EXACT_NAME = re.compile(r"(emb|logits|unembed|pad|pos_|norm|ln_|gain|bias)", re.IGNORECASE)
@@ -146,12 +146,71 @@ class Hierarchy:
     def stats(self) -> dict[str, Any]:
         return {"node_size": self.groups.node_size, **self.averager.stats()}
 
-    # checkpointed per rank (each rank's error buffers belong to its own shards)
+    # this rank's own averager state (its error buffers); checkpoints use checkpoint_state()
     def state_dict(self) -> dict[str, Any]:
         return self.averager.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.averager.load_state_dict(state)
+
+    def checkpoint_state(self) -> "CrossNodeState":
+        """The averager's state as a checkpoint holds it: one copy per node-local rank (register it
+        with scope "node_replica" in :class:`dalle_ds.parallel.checkpoint.Checkpointer`)."""
+        return CrossNodeState(self)
+
+
+class CrossNodeState:
+    """PowerSGD's error buffers and Qs, one copy for all nodes: their mean over nodes.
+
+    With M_i = G_i + E_i on node i, PowerSGD computes P = mean_i(M_i) Q and Q' = mean_i(M_i)^T P
+    (``dalle_ds.parallel.powersgd``), so the averaged update depends on the error buffers only through
+    mean_i(E_i) (and, through the 16-bit payload's rounding, a little on the split). Saving that mean
+    and giving it to every node on resume repeats the uninterrupted run's updates, on any number of
+    nodes, for one buffer per node-local rank instead of one per rank. Qs are the same on every node.
+    ``state_dict`` is collective over the cross-node group (one all-reduce per buffer). Buffers that
+    cannot be re-split are reset, with a warning: another node size, or a switch between PowerSGD and
+    exact averaging (a run on one node averages exactly: nothing crosses nodes)."""
+
+    def __init__(self, hierarchy: Hierarchy):
+        self.hierarchy = hierarchy
+
+    def _layout(self) -> dict[str, int]:
+        g = self.hierarchy.groups
+        return {"node_size": g.node_size, "num_nodes": g.num_nodes}
+
+    def state_dict(self) -> dict[str, Any]:
+        averager, groups = self.hierarchy.averager, self.hierarchy.groups
+        if not isinstance(averager, PowerSGD):
+            return {"mode": "exact", **self._layout()}
+        state = averager.state_dict()  # host copies
+        keys = sorted(state["errors"])
+        counts = all_reduce_values([len(keys), -len(keys)], "max", group=groups.cross)
+        if counts[0] != -counts[1]:
+            raise RuntimeError(f"powersgd: nodes hold different numbers of error buffers ({-counts[1]}..{counts[0]}) "
+                               f"for node-local rank {get_rank() % groups.node_size}; cannot average them")
+        for key in keys:  # same keys in the same order on every node: the same shards
+            all_reduce_(state["errors"][key], "sum", group=groups.cross).div_(groups.num_nodes)
+        return {**state, **self._layout(), "errors_are": "mean over nodes"}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        averager, layout = self.hierarchy.averager, self._layout()
+        saved_mode = state.get("mode")
+        if state.get("node_size") != layout["node_size"]:
+            print0(f"powersgd: WARNING the checkpoint's error buffers belong to nodes of {state.get('node_size')} "
+                   f"ranks, these are {layout['node_size']}: they cannot be re-split, starting from zero")
+            return
+        if isinstance(averager, PowerSGD) and saved_mode == "powersgd":
+            averager.load_state_dict(state)
+            if state.get("num_nodes") != layout["num_nodes"]:
+                print0(f"powersgd: error buffers saved on {state.get('num_nodes')} nodes (their mean) continue "
+                       f"on {layout['num_nodes']}")
+        elif isinstance(averager, PowerSGD):
+            print0(f"powersgd: WARNING the checkpoint has no error buffers (saved by a run that averaged exactly: "
+                   f"{state.get('num_nodes')} node(s), or powersgd.enabled=false): starting from zero")
+        elif saved_mode == "powersgd":
+            print0(f"powersgd: WARNING the checkpoint's PowerSGD error buffers are dropped: this run averages "
+                   f"exactly ({layout['num_nodes']} node(s), or powersgd.enabled=false); the gradient they "
+                   f"still owed is lost")
 
 
 def is_enabled(cfg: PowerSGDConfig) -> bool:

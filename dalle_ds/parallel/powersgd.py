@@ -280,20 +280,35 @@ class PowerSGD:
         return e
 
     def state_dict(self) -> dict[str, Any]:
+        """Error buffers and Qs as host copies (no second copy on the accelerator)."""
         return {"mode": "powersgd", "rank": self.cfg.rank, "num_nodes": self.num_nodes,
-                "errors": {k: v.clone() for k, v in self.errors.items()},
-                "qs": {k: v.clone() for k, v in self.qs.items()}}
+                "errors": {k: v.detach().to("cpu", copy=True) for k, v in self.errors.items()},
+                "qs": {k: v.detach().to("cpu", copy=True) for k, v in self.qs.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Saved error buffers and Qs (read with ``map_location="cpu"``) into this averager: ``copy_`` into
+        the buffers that exist, whatever their device and dtype; a buffer not allocated yet takes the
+        saved tensor itself, which ``_error`` places (device or host memory) at its first use, so no
+        second copy stays behind. The node count may differ from the saving run's
+        (:meth:`dalle_ds.parallel.hierarchy.Hierarchy.checkpoint_state` saves the buffers' mean over
+        nodes, which is all the averaged update depends on)."""
         if state.get("mode") != "powersgd":
             raise ValueError(f"cross-node averager state has mode={state.get('mode')!r}; this run uses "
                              "PowerSGD (powersgd.enabled=true): resume with the same powersgd.enabled")
-        for name in ("rank", "num_nodes"):
-            mine = self.cfg.rank if name == "rank" else self.num_nodes
-            if state[name] != mine:
-                raise ValueError(f"powersgd state has {name}={state[name]}, this run has {name}={mine}")
-        self.errors = {k: v.float().clone() for k, v in state["errors"].items()}
-        self.qs = {k: v.float().clone() for k, v in state["qs"].items()}
+        if state["rank"] != self.cfg.rank:
+            raise ValueError(f"powersgd state has rank={state['rank']}, this run has powersgd.rank={self.cfg.rank}")
+        from dalle_ds.parallel.dist import default_device
+
+        for mine, saved_all, what in ((self.errors, state["errors"], "error buffer"), (self.qs, state["qs"], "Q")):
+            for key, saved in saved_all.items():
+                buf = mine.get(key)
+                if buf is None:  # Qs (C, r) are small and used where the gradients are, as _q makes them
+                    mine[key] = saved.float() if what != "Q" else saved.to(default_device(), torch.float32)
+                elif tuple(buf.shape) != tuple(saved.shape):
+                    raise ValueError(f"powersgd {what} {key!r}: saved {tuple(saved.shape)}, this run's is "
+                                     f"{tuple(buf.shape)}: saved with another model, node size or rank")
+                else:
+                    buf.copy_(saved)
 
     def end_step(self) -> None:
         self._stats.end_step()
