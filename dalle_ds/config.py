@@ -77,6 +77,8 @@ class DataConfig:
     validation_shards: str = ""  # or: separate token shards for it (then validation_fraction must be 0)
     token_views: int = 0  # augmented views per image to use from the token shards: 0 = all the manifest has
     max_bad_fraction: float = 0.001  # corrupt samples are skipped and counted; more than this fraction: an error
+    caption_dropout: float = 0.0  # prior: this fraction of captions replaced by the empty one, for
+                                  # classifier-free guidance at sampling (not in the paper; 0 = off)
 
     def validate(self, p: str = "data") -> None:
         _require(self.image_size >= 8, f"{p}.image_size", self.image_size, "must be >= 8")
@@ -90,6 +92,7 @@ class DataConfig:
         _require(not (self.validation_shards and self.validation_fraction), f"{p}.validation_shards",
                  self.validation_shards, "set either data.validation_shards or data.validation_fraction, not both")
         _require(self.token_views >= 0, f"{p}.token_views", self.token_views, "must be >= 0 (0: all views)")
+        _require(0.0 <= self.caption_dropout < 1.0, f"{p}.caption_dropout", self.caption_dropout, "must be in [0, 1)")
 
 
 @dataclass

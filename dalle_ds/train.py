@@ -44,7 +44,7 @@ from dalle_ds.training.flops import Throughput
 from dalle_ds.training.logger import MetricsLogger
 from dalle_ds.training.loop import EXIT_COMPLETED, TrainLoop
 from dalle_ds.training import preflight
-from dalle_ds.training.prior_hooks import PriorHooks, split_token_shards, token_views
+from dalle_ds.training.prior_hooks import CaptionDropout, PriorHooks, split_token_shards, token_views
 from dalle_ds.training.schedules import WarmupPlateauLR, prior_lr_schedule
 
 # In-training extension point, called every logging.image_every_steps as fn(step, engine) on every
@@ -120,9 +120,13 @@ def train(cfg: Config, ds_config_path: str, sample_hooks: list[SampleHook] | Non
     loop = TrainLoop(cfg.optim.max_steps, log, ckpt=ckpt, run_dir=cfg.run.dir, desc="train")
     # validation loss on held-out token shards, training-time sample grids (dalle_ds/training/prior_hooks.py)
     hooks = PriorHooks.from_config(cfg, split_token_shards(cfg)[1], loader.tokenizer, info.is_main, sample_hooks)
-    loop.resume(cfg.checkpoint.resume)
     meter = Throughput.for_prior(cfg.model, tokens_per_step, mode, info.world_size, info.local_world_size)
     batches = iter(loader)
+    if cfg.data.caption_dropout > 0:  # empty captions for classifier-free guidance (not in the paper)
+        dropout = CaptionDropout(cfg.data.caption_dropout, cfg.run.seed, info.rank)
+        ckpt.register_stateful("caption_dropout", dropout)
+        batches = dropout.wrap(batches)
+    loop.resume(cfg.checkpoint.resume)
     for step in loop:
         values = update(engine, sched, batches, cfg.optim.grad_accum_steps)
         log_step = step % cfg.logging.every_steps == 0

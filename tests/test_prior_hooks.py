@@ -348,3 +348,32 @@ def test_tokenize_images_views_keep_view_zero_and_are_deterministic(tmp_path):
     from dalle_ds.training.prior_hooks import token_views
 
     assert token_views(str(tmp_path / "three")) == 3 and token_views(str(tmp_path / "one")) == 1
+
+
+def test_caption_dropout_empties_a_fraction_of_captions_and_resumes_exactly():
+    from dalle_ds.config import ConfigError, load_config
+    from dalle_ds.training.prior_hooks import CaptionDropout
+
+    text = torch.arange(1, 1 + 64 * TEXT_LEN).view(64, TEXT_LEN) % 300 + 3  # no [PAD] anywhere
+    codes = torch.randint(0, CODEBOOK, (64, GRID * GRID))
+    batches = [{"text": text.clone(), "codes": codes} for _ in range(50)]
+    drop = CaptionDropout(0.2, seed=5, rank=0)
+    out = [drop(b) for b in batches[:25]]
+    state = drop.state_dict()
+    out += [drop(b) for b in batches[25:]]
+    dropped = torch.stack([(o["text"] == 0).all(1) for o in out])  # (50, 64)
+    kept = torch.stack([(o["text"] == text).all(1) for o in out])
+    assert bool((dropped ^ kept).all())  # a row is either the empty caption or untouched
+    assert 0.15 < float(dropped.float().mean()) < 0.25  # 3200 rows at p = 0.2
+    assert all(o["codes"] is codes for o in out)  # images are never touched
+    # resumed from the state after 25 batches: the same rows dropped; another rank drops others
+    resumed = CaptionDropout(0.2, seed=5, rank=0)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(resumed(b)["text"], o["text"]) for b, o in zip(batches[25:], out[25:]))
+    other = CaptionDropout(0.2, seed=5, rank=1)
+    assert not all(torch.equal(other(b)["text"], o["text"]) for b, o in zip(batches, out))
+    assert torch.equal(CaptionDropout(0.0, seed=5, rank=0)(batches[0])["text"], text)
+    with pytest.raises(ValueError, match="caption_dropout"):
+        CaptionDropout(1.0, seed=5, rank=0)
+    with pytest.raises(ConfigError, match="data.caption_dropout"):
+        load_config("tiny", ["data.caption_dropout=1.5"])

@@ -12,6 +12,12 @@ Filtering: logits / temperature, then top-k (keep the k largest), then top-p (ke
 set of largest-probability tokens whose mass reaches p; the most likely token is always kept).
 ``temperature=0`` is greedy decoding.
 
+Classifier-free guidance (``guidance_scale`` s != 1; a departure from the paper, for priors trained
+with ``data.caption_dropout`` > 0): every row is also decoded with the empty caption (all
+``[PAD]``, what caption dropout trains on), both halves in one KV-cached batch of 2B fed the same
+codes, and the sampled logits are ``uncond + s * (cond - uncond)`` before filtering. s = 1 is the
+plain conditional model (no second half is run), s = 0 the unconditional one.
+
 ``use_cache=False`` recomputes the whole stream for every code (``Prior.prefix_logits``): the
 reference the cache is tested and benchmarked against.
 """
@@ -25,7 +31,7 @@ import torch
 from torch import Tensor
 
 from dalle_ds.models.kv_cache import CachedDecoder
-from dalle_ds.models.prior import Prior
+from dalle_ds.models.prior import PAD_ID, Prior
 
 PAPER_PROMPT_ROWS, PAPER_GRID = 15, 32  # image completion keeps the top 15 of 32 rows
 
@@ -35,6 +41,7 @@ class SamplingSettings:
     temperature: float = 1.0  # paper: 1
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
+    guidance_scale: float = 1.0  # classifier-free guidance; 1: off (paper)
 
     def validate(self) -> "SamplingSettings":
         if self.temperature < 0:
@@ -43,7 +50,13 @@ class SamplingSettings:
             raise ValueError(f"top_k={self.top_k}: must be >= 0 (0 turns it off)")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale={self.guidance_scale}: must be >= 0 (1: off)")
         return self
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale != 1.0
 
     @staticmethod
     def add_args(ap: argparse.ArgumentParser) -> None:
@@ -51,10 +64,12 @@ class SamplingSettings:
         ap.add_argument("--temperature", type=float, default=1.0, help="logits / temperature (0: greedy)")
         ap.add_argument("--top-k", type=int, default=0, help="keep the k most likely codes (0: off)")
         ap.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set with this mass (1: off)")
+        ap.add_argument("--guidance-scale", type=float, default=1.0,
+                        help="classifier-free guidance scale (1: off; needs a prior trained with data.caption_dropout)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "SamplingSettings":
-        return cls(args.temperature, args.top_k, args.top_p).validate()
+        return cls(args.temperature, args.top_k, args.top_p, getattr(args, "guidance_scale", 1.0)).validate()
 
 
 def default_prompt_rows(grid: int) -> int:
@@ -123,14 +138,23 @@ def generate(prior: Prior, text: Tensor, seeds: list[int], settings: SamplingSet
         from tqdm import tqdm
 
         steps = tqdm(steps, desc="sampling", unit="tok", leave=False)
-    dec = CachedDecoder(prior, b) if use_cache else None
+    settings = sampler.settings
+    if settings.guided:  # rows [0, B): the caption; rows [B, 2B): the empty caption, same codes
+        text = torch.cat([text, torch.full_like(text, PAD_ID)])  # (2B, T)
+    dec = CachedDecoder(prior, text.shape[0]) if use_cache else None
     for a in steps:
         if dec is None:
-            logits = prior.prefix_logits(text, codes[:, :a])[:, a]  # (B, Vi)
+            both = codes.repeat(2, 1) if settings.guided else codes
+            logits = prior.prefix_logits(text, both[:, :a])[:, a]  # (B or 2B, Vi)
         elif a == n:
-            logits = dec.prefill(text, codes[:, :n] if n else None)
+            prompt = codes[:, :n] if n else None
+            logits = dec.prefill(text, prompt.repeat(2, 1) if settings.guided and n else prompt)
         else:
-            logits = dec.step(codes[:, a - 1])
+            prev = codes[:, a - 1]
+            logits = dec.step(prev.repeat(2) if settings.guided else prev)
+        if settings.guided:
+            cond, uncond = logits[:b], logits[b:]
+            logits = uncond + settings.guidance_scale * (cond - uncond)  # (B, Vi)
         codes[:, a] = sampler(logits)
     return codes
 

@@ -28,6 +28,12 @@ noise as training goes on; decoded by the dVAE into a grid (one row per caption)
 ``<run.dir>/samples/step_NNNNNNNN.png`` (+ ``.txt`` with the captions) and TensorBoard
 ``train/samples``. Under ZeRO-3 every rank joins the parameter gather; rank 0 copies the full weights
 into a plain replica and samples while the others wait at the next collective.
+
+Caption dropout (``data.caption_dropout`` p > 0; a departure from the paper, off in its preset):
+:class:`CaptionDropout` replaces the caption of a fraction p of the training rows with the empty
+caption (all ``[PAD]``), so the same prior also models images without a caption and sampling can
+use classifier-free guidance (``dalle_ds.sampling.generate``, ``guidance_scale``). Which rows are
+dropped is a function of (seed, rank, batch index): a resumed run drops the same rows.
 """
 
 from __future__ import annotations
@@ -149,6 +155,39 @@ def first_captions(spec, count: int) -> list[str]:
                 if len(out) == count:
                     return out
     return out
+
+
+class CaptionDropout:
+    """Batch transform: each row's caption becomes the empty caption (all ``[PAD]``) with probability p.
+
+    Stateful (``state_dict``: the number of batches seen), so a resumed run draws what the uninterrupted
+    one would have; rank-dependent, so the ranks drop different rows."""
+
+    def __init__(self, p: float, seed: int, rank: int, pad_id: int = 0):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"data.caption_dropout={p}: must be in [0, 1)")
+        self.p, self.seed, self.rank, self.pad_id = p, seed, rank, pad_id
+        self.batches = 0
+
+    def __call__(self, batch: dict) -> dict:
+        self.batches += 1
+        if self.p == 0.0:
+            return batch
+        text = batch["text"]  # (B, T)
+        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.rank) * 1_000_003 + self.batches) % 2**63)
+        drop = torch.rand(text.shape[0], generator=g) < self.p  # (B,)
+        return {**batch, "text": text.masked_fill(drop[:, None].to(text.device), self.pad_id)}
+
+    def wrap(self, batches):
+        """The batch iterator with captions dropped."""
+        for batch in batches:
+            yield self(batch)
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "p": self.p}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches = int(state["batches"])
 
 
 class SampleHook:
