@@ -12,14 +12,17 @@ rule). Memory per GPU, itemised (bytes; g = node size, every parameter padded to
       separate master partitions (none when the master has the storage dtype: DeepSpeed aliases it,
       deepspeed_internals.alias_master_partitions), gradient partitions, optimizer state (torch AdamW: m, v
       in the master dtype; AdamW16: bf16 m, v, and fp32 master + m + v for the fp32 set), PowerSGD's fp32
-      error buffers (the compressed row block of each shard) and its fixed Q matrices.
+      error buffers (the compressed row block of each shard: on the GPU with
+      ``powersgd.error_buffer_device=gpu``; in pinned host memory with ``host``, reported apart and not
+      counted against the GPU) and its fixed Q matrices.
   activations (:func:`activation_bytes`): the residual stream at each layer's input (the prior
       checkpoints per layer, in the storage dtype), one layer recomputed with its saves (sparse attention:
       probabilities and key/value windows) and the residual gradients, fp32 logits + gradients, fp32
       copies of the heads' weights (16-bit storage).
   buffers (:func:`buffer_bytes`): gathered parameters (a layer, capped by stage3_max_live_parameters,
       plus the prefetch bucket), autocast's 16-bit weight copies of one branch, the ipg reduce bucket,
-      the optimizer step's sub-group gradient copy.
+      the optimizer step's sub-group gradient copy, PowerSGD's fp32 working block (the largest compressed
+      block: the fp32 copy of a 16-bit M for its products, or with host buffers the staged E / E').
 FITS when total x 1.05 (fragmentation) + --reserve (context, NCCL, cuBLAS, unexposed memory) <= --gpu-memory.
 Communication per optimizer step and GPU (payload, i.e. the tensor sizes handed to the collectives):
   intra-node (ZeRO-3, each micro-batch): all-gather of fp16 params in forward and again in backward,
@@ -269,7 +272,7 @@ def model_state_bytes(infos: list[ParamInfo], r: Regime, local_rank: int = 0) ->
     from dalle_ds.parallel.powersgd import effective_rank
 
     g = r.node_size
-    out = dict.fromkeys(("params", "persistent", "master", "grads", "optimizer", "errors", "q"), 0.0)
+    out = dict.fromkeys(("params", "persistent", "master", "grads", "optimizer", "errors", "errors_host", "q"), 0.0)
     qs: set[tuple[int, int]] = set()
     for x in infos:
         n = x.numel
@@ -287,7 +290,8 @@ def model_state_bytes(infos: list[ParamInfo], r: Regime, local_rank: int = 0) ->
         split = split_rows(off, valid, width) if valid else None
         if split and worth_compressing(split, r.powersgd.rank, 2 if r.powersgd.comm_dtype != "float32" else 4,
                                        r.powersgd.min_compression_numel):
-            out["errors"] += split.numel * FP32_BYTES  # (rows, C) fp32 error-feedback buffer, on the GPU
+            where = "errors_host" if r.powersgd.error_buffer_device == "host" else "errors"
+            out[where] += split.numel * FP32_BYTES  # (rows, C) fp32 error-feedback buffer
             qs.add((width, effective_rank(r.powersgd.rank, split.rows, width)))
     out["q"] = float(sum(c * k * FP32_BYTES for c, k in qs))  # fixed Q: one per (width, rank)
     return out
@@ -327,6 +331,25 @@ def activation_bytes(m: ModelConfig, r: Regime) -> dict[str, float]:
     return out
 
 
+def largest_compressed_block(infos: list[ParamInfo], r: Regime) -> int:
+    """Elements of the largest (rows, C) block PowerSGD compresses on any local rank (0 without PowerSGD)."""
+    if r.powersgd is None:
+        return 0
+    g, best = r.node_size, 0
+    for x in infos:
+        if x.exact:
+            continue
+        n, part = x.numel, -(-x.numel // r.node_size)
+        width = math.prod(x.shape[1:]) if len(x.shape) >= 2 else max(1, n)
+        for local in range(g):
+            valid = max(0, min(part, n - part * local))
+            split = split_rows(part * local, valid, width) if valid else None
+            if split and worth_compressing(split, r.powersgd.rank, 2 if r.powersgd.comm_dtype != "float32" else 4,
+                                           r.powersgd.min_compression_numel):
+                best = max(best, split.numel)
+    return best
+
+
 def buffer_bytes(m: ModelConfig, r: Regime) -> dict[str, float]:
     """DeepSpeed's and autocast's working buffers: gathered parameters (the live layer, capped by
     stage3_max_live_parameters, plus the prefetch bucket), fp16 autocast copies of one branch's weights,
@@ -336,23 +359,40 @@ def buffer_bytes(m: ModelConfig, r: Regime) -> dict[str, float]:
            "autocast 16-bit weight copies (one branch)": 2 * m.mlp_ratio * d * d * 2 if r.branch == 2 else 0.0,
            "ipg reduce bucket": r.reduce_bucket * (r.grad + r.comm_copy),
            "step: sub-group gradient copy": min(r.sub_group, layer) * (r.master or r.storage)}
+    if r.powersgd is not None:  # one block alive at a time: M.float() for M Q / M^T P, or the staged E, E'
+        out["PowerSGD fp32 working block (largest)"] = largest_compressed_block(param_infos(m), r) * FP32_BYTES
     return out
+
+
+HOST = "host memory (pinned; not on the GPU)"
+
+
+def gpu_total(parts: dict[str, dict[str, float]]) -> float:
+    """Bytes on the GPU: every part of :func:`memory_plan` but the host part."""
+    return sum(sum(items.values()) for name, items in parts.items() if name != HOST)
 
 
 def memory_plan(cfg, ds_json: dict, nodes: int, gpus_per_node: int, node_size: int | None = None,
                 local_rank: int | None = 0) -> tuple[Regime, dict[str, dict[str, float]]]:
-    """(regime, {"model state": ..., "activations": ..., "buffers": ...}) bytes per GPU; ``local_rank``
-    None: the local rank with the most model state (PowerSGD's error buffers differ by shard)."""
+    """(regime, {"model state": ..., "activations": ..., "buffers": ..., HOST: ...}) bytes per GPU (the
+    HOST part: what the GPU's process keeps in host memory instead); ``local_rank`` None: the local rank
+    with the most model state on the GPU (PowerSGD's error buffers differ by shard)."""
     r = regime_of(cfg, ds_json, nodes, gpus_per_node, node_size)
     infos = param_infos(cfg.model)
     if local_rank is None:
-        local_rank = max(range(r.node_size), key=lambda i: sum(model_state_bytes(infos, r, i).values()))
+        def on_gpu(i: int) -> float:
+            state = model_state_bytes(infos, r, i)
+            return sum(state.values()) - state["errors_host"]
+        local_rank = max(range(r.node_size), key=on_gpu)
     names = {"params": "parameter partitions", "persistent": "persistent small parameters (whole)",
              "master": "separate master partitions", "grads": "gradient partitions",
              "optimizer": "optimizer state (m, v; AdamW16: fp32 masters of the fp32 set)",
              "errors": "PowerSGD error buffers (fp32, GPU)", "q": "PowerSGD fixed Q"}
-    state = {names[k]: v for k, v in model_state_bytes(infos, r, local_rank).items()}
-    return r, {"model state": state, "activations": activation_bytes(cfg.model, r), "buffers": buffer_bytes(cfg.model, r)}
+    state = model_state_bytes(infos, r, local_rank)
+    host = {"PowerSGD error buffers (fp32, pinned host)": state.pop("errors_host")}
+    state = {names[k]: v for k, v in state.items()}
+    return r, {"model state": state, "activations": activation_bytes(cfg.model, r), "buffers": buffer_bytes(cfg.model, r),
+               HOST: host}
 
 
 def memory_lines(cfg, ds_json: dict, ds_name: str, nodes: int, gpus_per_node: int, gpu_memory: float,
@@ -361,7 +401,7 @@ def memory_lines(cfg, ds_json: dict, ds_name: str, nodes: int, gpus_per_node: in
     ``reserve`` (CUDA context, NCCL, cuBLAS, what the GPU does not expose) plus a ``margin`` for the
     allocator's fragmentation must stay within ``gpu_memory``. Every local rank is planned; the largest shown."""
     r, worst = memory_plan(cfg, ds_json, nodes, gpus_per_node, node_size, local_rank=None)
-    total = sum(sum(v.values()) for v in worst.values())
+    total = gpu_total(worst)
     need = total * (1 + margin) + reserve
     fits = need <= gpu_memory
     psgd = f"PowerSGD rank {r.powersgd.rank} across {r.num_nodes} nodes" if r.powersgd else "no PowerSGD"
@@ -371,11 +411,16 @@ def memory_lines(cfg, ds_json: dict, ds_name: str, nodes: int, gpus_per_node: in
            f"{'per layer' if r.checkpointing else 'off'}",
            f"per-GPU memory (largest of the {r.node_size} local ranks):"]
     for part, items in worst.items():
+        if part == HOST:
+            continue
         out += [f"  {part}:"] + [f"    {k:<60} {v / GB:7.3f} GB" for k, v in items.items()]
         out.append(f"    {'= ' + part:<60} {sum(items.values()) / GB:7.3f} GB")
-    out.append(f"  {'total':<62} {total / GB:7.3f} GB; +{100 * margin:.0f}% fragmentation + {reserve / GB:.2f} GB "
+    out.append(f"  {'total on the GPU':<62} {total / GB:7.3f} GB; +{100 * margin:.0f}% fragmentation + {reserve / GB:.2f} GB "
                f"reserve = {need / GB:.2f} GB of {gpu_memory / GB:.2f} GB: "
                + ("FITS" if fits else f"DOES NOT FIT (short by {(need - gpu_memory) / GB:.2f} GB)"))
+    host = sum(worst[HOST].values())
+    out.append(f"  {HOST}: " + ", ".join(f"{k} {v / GB:.3f} GB" for k, v in worst[HOST].items())
+               + f"; {host * gpus_per_node / GB:.1f} GB per node of {gpus_per_node} GPUs")
     return out, fits
 
 
@@ -430,9 +475,9 @@ def run_plan(cfg, world_size: int, node_size: int, ds_json: dict | None = None, 
     if ds_json is not None:
         r, parts = memory_plan(cfg, ds_json, world_size // node_size, node_size, node_size)
         out.append(f"  regime {r.mode} ({ds_name}), {r.optimizer}; per-rank memory:")
-        for items in parts.values():
-            out += [f"  {k:<60} {v / GiB:8.3f} GiB" for k, v in items.items()]
-        out.append(f"  {'total':<60} {sum(sum(v.values()) for v in parts.values()) / GiB:8.3f} GiB")
+        for name, items in parts.items():
+            out += [f"  {k + (' [host]' if name == HOST else ''):<60} {v / GiB:8.3f} GiB" for k, v in items.items()]
+        out.append(f"  {'total on the device':<60} {gpu_total(parts) / GiB:8.3f} GiB")
     return out
 
 

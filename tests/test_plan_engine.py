@@ -1,9 +1,11 @@
 """The planner's model-state bytes against the live DeepSpeed ZeRO-3 engine (#14): 2 gloo ranks, a
 scaled-down prior whose matrices exceed the persistence threshold, one optimizer step (optimizer
 state is lazy), each regime: fp32 master (zero3_fp16_v100.json + block scaling), 16-bit
-(zero3_fp16_v100_16bit.json, AdamW16), and 16-bit + PowerSGD across 2 one-rank nodes. Every item
-(parameter partitions, persistent parameters, separate masters, gradient partitions, optimizer
-state, error buffers, Q) and the total must be within 5% of the plan, on each rank."""
+(zero3_fp16_v100_16bit.json, AdamW16), and 16-bit + PowerSGD across 2 one-rank nodes with the error
+buffers beside the gradients and in host memory (powersgd.error_buffer_device=host, the paper preset's).
+Every item (parameter partitions, persistent parameters, separate masters, gradient partitions,
+optimizer state, error buffers on the device and on the host, Q) and the total must be within 5% of the
+plan, on each rank."""
 
 from __future__ import annotations
 
@@ -21,13 +23,15 @@ MODEL = ["model.n_layers=2", "model.d_model=128", "model.n_heads=2", "model.text
          "model.attention=sparse", "data.image_size=16", "model.image_grid=4", "optim.micro_batch_size=2", "precision.allow_fp16_on_cpu=true",
          "precision.branch_dtype=float16", "powersgd.rank=4", "powersgd.min_compression_numel=64"]
 REGIMES = {"fp32_master": ("zero3_fp16_v100.json", False), "16bit": ("zero3_fp16_v100_16bit.json", False),
-           "16bit_powersgd": ("zero3_fp16_v100_16bit.json", True)}
+           "16bit_powersgd": ("zero3_fp16_v100_16bit.json", "gpu"),
+           "16bit_powersgd_host": ("zero3_fp16_v100_16bit.json", "host")}
 
 
-def _cfg(powersgd: bool):
+def _cfg(powersgd: bool | str):
     from dalle_ds.config import load_config
 
-    over = MODEL + (["powersgd.enabled=true", "powersgd.node_size=1"] if powersgd else [])
+    over = MODEL + (["powersgd.enabled=true", "powersgd.node_size=1", f"powersgd.error_buffer_device={powersgd}"]
+                    if powersgd else [])
     return load_config("tiny", over)
 
 
@@ -88,7 +92,8 @@ def test_planner_matches_the_live_engine_within_5_percent():
             total_m, total_p = sum(measured.values()), sum(want.values())
             assert abs(total_m - total_p) <= 0.05 * total_p, (regime, rank, total_m, total_p)
             if psgd:
-                assert want["errors"] > 0 and want["q"] > 0
+                on_gpu, on_host = ("errors", "errors_host") if psgd == "gpu" else ("errors_host", "errors")
+                assert want[on_gpu] > 0 and want["q"] > 0 and want[on_host] == measured[on_host] == 0
             if regime == "16bit":  # aliased bf16 masters; m, v 4 B/elem; fp32 set 12 B/elem
                 assert want["master"] == 0 and r.optimizer == "AdamW16"
 

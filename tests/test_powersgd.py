@@ -280,3 +280,74 @@ def test_stats_report_fp32_and_fp16_exact_baselines():
     assert st["cross_node_bytes_fp16_exact_per_step"] == 64 * 64 * 2
     assert st["compression_rate_vs_fp32"] == pytest.approx(1 - sent / (64 * 64 * 4))
     assert st["compression_rate_vs_fp16"] == pytest.approx(1 - sent / (64 * 64 * 2))
+
+
+def _host_vs_gpu_buffers() -> dict:
+    """On one gloo rank of 2 (each rank one node): the same 4 steps of bf16 gradient shards (a 16-bit
+    regime's grad buffer; a non-finite step, a shard with head/tail pieces, an exact shard) through
+    PowerSGD with the error buffers beside the gradients and in host memory."""
+    from dalle_ds.parallel.dist import init_distributed
+
+    init_distributed()
+    rank = torch.distributed.get_rank()
+    cfg = _cfg(rank=3, comm_dtype="float16", min_compression_numel=16)
+    averagers = {where: PowerSGD(replace(cfg, error_buffer_device=where), None, 2, seed=3) for where in ("gpu", "host")}
+    outs: dict[str, list[torch.Tensor]] = {w: [] for w in averagers}
+    for step in range(4):
+        gen = torch.Generator().manual_seed(100 * step + rank)
+        grads = [torch.randn(24 * 10, generator=gen), torch.randn(5 + 12 * 8 + 3, generator=gen) * 1e-3,
+                 torch.randn(30, generator=gen)]
+        if step == 2 and rank == 1:
+            grads[0][7] = float("inf")  # one node overflows: both placements skip, E untouched
+        for where, avg in averagers.items():
+            flats = [g.to(torch.bfloat16) for g in grads]
+            avg.average_buckets_([[Shard("a", flats[0], 0, 10), Shard("b", flats[1], 3, 8)],
+                                  [Shard("bias", flats[2], 0, 30, exact=True)]])
+            avg.end_step()
+            outs[where].append(torch.cat(flats).float().numpy().copy())  # numpy: pickled by value
+    host = averagers["host"]
+    return {"outs": outs, "errors": {w: {k: v.numpy().copy() for k, v in a.errors.items()}
+                                     for w, a in averagers.items()},
+            "host_devices": sorted({e.device.type for e in host.errors.values()}),
+            "host_pinned": sorted({bool(e.is_pinned()) for e in host.errors.values()}),
+            "stats": {w: a.stats() for w, a in averagers.items()}}
+
+
+def test_host_error_buffers_give_identical_results_on_two_gloo_nodes():
+    """powersgd.error_buffer_device=host (the paper preset's) against gpu (beside the gradients), 2 real
+    gloo ranks as 2 nodes: every averaged gradient and every error buffer equal bit for bit, skipped step
+    included; the host buffers are CPU tensors, pinned exactly when CUDA exists."""
+    from tests.multirank import run_ranks
+
+    for res in run_ranks(_host_vs_gpu_buffers, world_size=2, timeout_s=300):
+        outs = {w: [torch.from_numpy(a) for a in res["outs"][w]] for w in ("gpu", "host")}
+        for a, b in zip(outs["gpu"], outs["host"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # bit for bit
+        assert torch.isnan(outs["gpu"][2]).all() and torch.isfinite(outs["gpu"][3]).all()
+        assert not torch.equal(outs["gpu"][0], outs["gpu"][1])
+        assert res["errors"]["gpu"].keys() == res["errors"]["host"].keys() == {"a", "b"}
+        for key, e in res["errors"]["gpu"].items():
+            e = torch.from_numpy(e)
+            assert torch.equal(e, torch.from_numpy(res["errors"]["host"][key])) and e.abs().sum() > 0
+        assert res["host_devices"] == ["cpu"] and res["host_pinned"] == [torch.cuda.is_available()]
+        assert res["stats"]["host"]["error_buffer_device"] == "host"
+        assert res["stats"]["gpu"]["skipped_nonfinite"] == res["stats"]["host"]["skipped_nonfinite"] == 1
+
+
+def test_host_error_buffers_survive_a_state_dict_round_trip():
+    """A host-placed averager's state loads into either placement and gives the same next update; a
+    loaded buffer is placed (host memory) at its first use."""
+    torch.manual_seed(6)
+    host = PowerSGD(_cfg(rank=2, error_buffer_device="host"), None, 1, seed=1)
+    for _ in range(2):
+        host.average_([Shard("w", torch.randn(16 * 8), 0, 8)])
+    g = torch.randn(16 * 8)
+    results = []
+    for where in ("gpu", "host"):
+        other = PowerSGD(_cfg(rank=2, error_buffer_device=where), None, 1, seed=1)
+        other.load_state_dict(host.state_dict())
+        flat = g.clone()
+        other.average_([Shard("w", flat, 0, 8)])
+        assert other.errors["w"].device.type == "cpu" and other.errors["w"].dtype == torch.float32
+        results.append((flat, other.errors["w"]))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

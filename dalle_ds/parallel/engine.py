@@ -293,14 +293,17 @@ def model_state_bytes(engine: Engine, averager: Any = None) -> dict[str, int]:
     """Bytes of model state this rank holds in the live ZeRO-3 engine, by the planner's items
     (:func:`dalle_ds.plan.model_state_bytes`): ``params``, ``master`` (0 when DeepSpeed aliases the
     master to the parameter partition), ``grads``, ``optimizer`` (moments, AdamW16's fp32 masters),
-    ``persistent``, and with a PowerSGD ``averager`` its ``errors`` and ``q``. Each storage counts once."""
+    ``persistent``, and with a PowerSGD ``averager`` its ``errors`` (beside the gradients) or
+    ``errors_host`` (``powersgd.error_buffer_device=host``: host memory, not the GPU's) and ``q``.
+    Each storage counts once."""
     kinds = ds_internals.zero3_state_tensors(engine.optimizer, list(engine.model.parameters()))
     if averager is not None:
-        kinds["errors"] = list(getattr(averager, "errors", {}).values())
+        errors = list(getattr(averager, "errors", {}).values())
+        kinds["errors_host" if getattr(averager, "errors_on_host", False) else "errors"] = errors
         kinds["q"] = list(getattr(averager, "qs", {}).values())
     seen: set[tuple[int, int]] = set()
     out: dict[str, int] = {}
-    for kind in ("params", "persistent", "master", "grads", "optimizer", "errors", "q"):
+    for kind in ("params", "persistent", "master", "grads", "optimizer", "errors", "errors_host", "q"):
         total = 0
         for t in kinds.get(kind, []):
             key = (t.untyped_storage().data_ptr(), t.storage_offset())

@@ -36,6 +36,27 @@ cost fewer bytes than an fp16 exact all-reduce of it (:func:`worth_compressing`;
 model's 496-row shards at rank 896, where r = 496 is full rank) is averaged exactly through the
 same scaled 16-bit path as P and Q (no QR, no error feedback).
 
+Where the error buffers live (``powersgd.error_buffer_device``, #14). The buffers are fp32 (rows, C)
+blocks, one per compressed shard: 3.53 GB per GPU for the paper preset on 8 x 128 V100s, which with the
+16-bit model state (12.5 GB), activations and DeepSpeed's buffers does not fit a 16 GB V100
+(``python -m dalle_ds.plan``). Options weighed:
+- ``gpu``: beside the gradient shards; no transfers. The default, and the choice when memory allows.
+- 16-bit buffers on the GPU: 1.76 GB still leaves the paper preset 1.4 GB short, and rounding the
+  residual to 8 mantissa bits (bf16) is exactly the information error feedback exists to keep.
+- buffers doubling as the gradient accumulators (the paper's choice): the accumulators here are
+  DeepSpeed's ZeRO-3 gradient partitions, which the averager does not own (they are reused per bucket
+  and sized by DeepSpeed), so this would mean replacing DeepSpeed's gradient path.
+- ``host`` (the paper preset's choice): fp32 buffers in host memory, pinned where CUDA exists (so copies
+  are DMA, asynchronous to the Python thread), staged through the GPU one block at a time at the update:
+  before the finiteness vote, each E is copied in and added to its gradient block (M = G + E in place,
+  the staging copy freed at once); after P and Q' are known, E' = M - P Q'^T is formed in a fresh GPU
+  block, reset there if non-finite, and copied back with ``non_blocking``. The GPU holds at most one
+  bucket's worth of E' (plus one block of E) at a time. Costs: 4 bytes per compressed element each way
+  per optimizer step over PCIe (2 x 3.53 GB for the paper, about 0.6 s at 12 GB/s of PCIe 3 x16),
+  serialised on the compute stream, and 3.53 GB of pinned host memory per GPU (28 GB of a node's RAM).
+  The arithmetic is the same as ``gpu``'s, operation for operation, so the results are identical bit
+  for bit (tests/test_powersgd.py, on 2 gloo ranks). ``state_dict`` waits for pending copies.
+
 Accounting (``stats()``): bytes of payload this rank all-reduces across nodes per optimizer step,
 compressed (P, Q, exact pieces, one flag, the per-factor scale scalars) and uncompressed (every shard in fp32), and
 compression_rate = 1 - compressed / uncompressed. A ring all-reduce over k nodes puts
@@ -253,7 +274,10 @@ class PowerSGD:
         self.cfg, self.group, self.num_nodes, self.seed = cfg, group, num_nodes, seed
         self.comm_dtype = _DTYPES[cfg.comm_dtype]
         self.comm_bytes = torch.finfo(self.comm_dtype).bits // 8
-        self.errors: dict[str, torch.Tensor] = {}  # key -> (rows, C) fp32 error-feedback buffer
+        self.errors_on_host = cfg.error_buffer_device == "host"
+        # key -> (rows, C) fp32 error-feedback buffer: beside the gradients, or (pinned) host memory
+        self.errors: dict[str, torch.Tensor] = {}
+        self._copies_back: list[Any] = []  # CUDA events of pending non_blocking device -> host copies
         self.qs: dict[str, torch.Tensor] = {}  # "fixed:CxR" (or the shard key with warm_start) -> (C, r) fp32
         self._stats = _StepStats()
 
@@ -270,17 +294,58 @@ class PowerSGD:
         return q
 
     def _error(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        """The stored buffer of ``key`` (created zero, or moved where ``error_buffer_device`` puts it,
+        e.g. after a load), in its storage place: beside ``like`` or in (pinned) host memory."""
         e = self.errors.get(key)
         if e is None or e.shape != like.shape:
             if e is not None:
                 raise ValueError(f"powersgd error buffer {key!r} has shape {tuple(e.shape)}, the gradient "
                                  f"shard is {tuple(like.shape)}: the checkpoint was made with another "
                                  "model, node size or world size")
-            e = self.errors[key] = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+            e = self.errors[key] = self._placed(torch.zeros(like.shape, dtype=torch.float32), like.device)
+        elif not self._is_placed(e, like.device):
+            e = self.errors[key] = self._placed(e, like.device)
         return e
+
+    def _is_placed(self, e: torch.Tensor, grad_device: torch.device) -> bool:
+        if not self.errors_on_host:
+            return e.device == grad_device
+        return e.device.type == "cpu" and (e.is_pinned() or not torch.cuda.is_available())
+
+    def _placed(self, e: torch.Tensor, grad_device: torch.device) -> torch.Tensor:
+        """fp32 ``e`` where it is stored: the gradient's device, or host memory, pinned where CUDA
+        exists (page-locked, so the per-step copies are DMA and ``non_blocking``)."""
+        if not self.errors_on_host:
+            return e.to(grad_device, torch.float32)
+        host = torch.empty(e.shape, dtype=torch.float32, pin_memory=torch.cuda.is_available())
+        return host.copy_(e)
+
+    def _error_on_device(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        """E of ``key`` on ``like``'s device for M = G + E: the buffer itself, or (host) a staging copy."""
+        e = self._error(key, like)
+        return e.to(like.device, non_blocking=True) if e.device != like.device else e
+
+    def _store_error(self, key: str, new: torch.Tensor) -> None:
+        """E' (computed on the gradient's device) into the buffer of ``key``: in place on the device, or
+        copied back to host memory without waiting (``_settle`` waits before anyone reads it there)."""
+        e = self.errors[key]
+        if e is new:
+            return
+        e.copy_(new, non_blocking=e.is_pinned() if torch.cuda.is_available() else False)
+        if new.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+            self._copies_back.append(event)
+
+    def _settle(self) -> None:
+        """Wait for pending device -> host copies of the error buffers (before reading them on the host)."""
+        for event in self._copies_back:
+            event.synchronize()
+        self._copies_back.clear()
 
     def state_dict(self) -> dict[str, Any]:
         """Error buffers and Qs as host copies (no second copy on the accelerator)."""
+        self._settle()  # host error buffers may still be receiving this step's E'
         return {"mode": "powersgd", "rank": self.cfg.rank, "num_nodes": self.num_nodes,
                 "errors": {k: v.detach().to("cpu", copy=True) for k, v in self.errors.items()},
                 "qs": {k: v.detach().to("cpu", copy=True) for k, v in self.qs.items()}}
@@ -315,6 +380,7 @@ class PowerSGD:
 
     def stats(self) -> dict[str, Any]:
         return {"mode": "powersgd", "rank": self.cfg.rank, "comm_dtype": self.cfg.comm_dtype,
+                "error_buffer_device": self.cfg.error_buffer_device,
                 **self._stats.as_dict(self.num_nodes)}
 
     # ------------------------------------------------------------------ averaging
@@ -346,7 +412,7 @@ class PowerSGD:
         bad = 0.0
         for shards, (_, blocks, _) in zip(buckets, plans):
             for key, m in blocks:  # M = G + E in place in the grad buffer (dropped if the step skips)
-                m.add_(self._error(key, m))
+                m.add_(self._error_on_device(key, m))  # host buffers: one block staged, freed at once
             bad += float(not all(bool(torch.isfinite(s.flat).all()) for s in shards))
         flag = torch.tensor([bad], device=comm_device(self.group))  # NCCL: CUDA
         _all_reduce(flag, self.group, k)
@@ -403,12 +469,14 @@ class PowerSGD:
         # Q' = mean_nodes(M^T P), all-reduced in 16 bit.
         new_qs = self._allreduce_factors([m.float().t() @ p for (_, m), p in zip(blocks, ps)])  # [(C, r)]
         for (key, m), p, q in zip(blocks, ps, new_qs):
-            e = self.errors[key]
+            stored = self.errors[key]  # host buffers: E' is formed on the device, then copied back
+            e = torch.empty(m.shape, dtype=torch.float32, device=m.device) if self.errors_on_host else stored
             e.copy_(m).addmm_(p, q.t(), alpha=-1.0)  # E = M - P Q'^T
             m.copy_(p @ q.t())  # (rows, C) decompressed in fp32
             if not bool(torch.isfinite(e).all()):
                 e.zero_()  # contaminated: the only case where the error buffer is reset
                 self._stats.error_resets += 1
+            self._store_error(key, e)
             if self.cfg.warm_start:
                 self.qs[key] = q
             sent += (p.numel() + q.numel()) * self.comm_bytes
