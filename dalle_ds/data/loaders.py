@@ -9,8 +9,9 @@
     # {"text": (B,text_len) int64, "codes": (B,grid*grid) int64, "captions", "keys"}
 
 Shards are anything :func:`dalle_ds.data.storage.expand_urls` accepts (paths, brace ranges, globs,
-directories, ``s3://`` prefixes); tar streams are opened with webdataset's ``gopen`` (storage
-registers the s3 scheme) and grouped into samples with webdataset's tar iterators.
+directories, ``s3://`` prefixes); tars are opened through :mod:`dalle_ds.data.storage` (S3 reads
+retried) and grouped into samples as webdataset groups them (:func:`shard_samples`, which also
+reports each sample's byte offset for seeking).
 
 Exactly-once split. The job has S = world_size x max(1, num_workers) reader *slots*; slot
 ``rank * W + worker``. Each epoch the shard list is permuted with a generator seeded by
@@ -24,8 +25,10 @@ streams per epoch instead of n x S for pure sample striding (which would read th
 on every slot: it does not scale to hundreds of ranks). A permutation per epoch changes which
 slot reads which shard, so unevenly sized shards even out over epochs.
 
-Order within a slot: its shards in turn through a shuffle buffer (``shuffle_buffer`` raw
-samples, a generator seeded by (seed, epoch, slot)); ``shuffle=False`` keeps the stored order.
+Order within a slot: its shards in turn, read in blocks of ``shuffle_buffer`` samples, each block
+permuted by a generator seeded by (seed, epoch, slot, block number) — a block shuffle rather than a
+streaming buffer, so that a position can be resumed from the block's start alone (below);
+``shuffle=False`` keeps the stored order.
 Decoding and augmentation happen after the buffer, with a per-sample generator seeded by
 (seed, epoch, key), so the same sample gets the same crop whichever slot reads it.
 
@@ -42,9 +45,13 @@ epochs in a row (a corpus with fewer samples than slots) is an error rather than
 Resume. Every batch carries, for its slot, the (epoch, samples consumed) after it; the main
 process keeps the latest per worker from the batches actually handed to the caller (prefetched
 batches do not count) and which worker the DataLoader's round-robin serves next.
-``state_dict()`` returns that; after ``load_state_dict()`` the next ``iter()`` regenerates each
-slot's stream, skips the consumed samples without decoding them, and rotates the worker ids so
-the round-robin continues with the same slot. The batches that follow are the ones an
+Each batch also carries the *seek* of the block its last sample came from: (entry in the slot's
+plan, sample index in that shard, byte offset of the sample's first tar header, block number).
+``state_dict()`` returns these; after ``load_state_dict()`` the next ``iter()`` opens each slot's
+current shard at that byte (a file seek; on S3 a ranged GET), never opening the shards it
+consumed, re-reads that one block (at most ``shuffle_buffer`` samples, not decoded) to rebuild
+its permutation, and rotates the worker ids so the round-robin continues with the same slot.
+A state without seeks (saved by an older version) re-reads the epoch up to its position. The batches that follow are the ones an
 uninterrupted iterator would have produced (images and token text identical: BPE dropout draws
 from a hash of (seed, epoch, key) per sample, :func:`bpe_seeds`). The state is per rank; a
 checkpoint keeps one per rank. It is only valid for the same seed, shards, world size and
@@ -56,22 +63,26 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import math
 import os
 import random
+import re
+import tarfile
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from dalle_ds.data import storage
 from dalle_ds.data.augment import Augment
 from dalle_ds.data.shards import IMAGE_EXTS, MANIFEST
 MAX_EMPTY_EPOCHS = 16
+# Where a block of a slot's stream starts: (entry of the slot's plan, sample index in that shard,
+# byte offset of the sample's first tar header, block number in the epoch).
+Seek = tuple
 
 
 class ShardError(ValueError):
@@ -93,10 +104,37 @@ def _default_rank_world() -> tuple[int, int]:
 
 def iter_shard(url: str) -> Iterator[dict[str, Any]]:
     """Raw samples of one tar shard: ``{"__key__", "__url__", ext: bytes, ...}`` in stored order."""
+    for _, sample in shard_samples(url):
+        yield sample
+
+
+_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key.ext split: the key ends at the first dot
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+def shard_samples(url: str, start: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(byte offset of the sample's first tar header, sample) for the samples of one tar shard from
+    byte ``start`` on — an offset this function reported before, so a resumed loader opens the shard
+    there (a seek; on S3 a ranged GET) instead of reading what it consumed. Members are grouped as
+    webdataset groups them (key = name up to the first dot of the basename, extension lower-cased)."""
     try:
-        with gopen(url, "rb") as stream:
-            files = tar_file_expander([{"url": url, "stream": stream}])
-            yield from group_by_keys(files)
+        with storage.open_read(url, start) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            key, at, sample = None, start, None
+            for m in tar:
+                match = _MEMBER.match(m.name) if m.isreg() else None
+                if match is None or _META.match(m.name):
+                    continue
+                k, ext = match.group(1), match.group(2).lower()
+                if k != key:
+                    if sample is not None:
+                        yield at, sample
+                    key, at, sample = k, start + m.offset, {"__key__": k, "__url__": url}
+                if ext in sample:
+                    raise ShardError(f"{url}: sample {k!r} has two .{ext} members")
+                sample[ext] = tar.extractfile(m).read()
+                tar.members = []  # a streamed tar would otherwise keep every header
+            if sample is not None:
+                yield at, sample
     except ShardError:
         raise
     except Exception as e:  # noqa: BLE001 - re-raised naming the shard
@@ -132,22 +170,6 @@ def epoch_order(n_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int
     return order
 
 
-def _shuffled(samples: Iterator[Any], buffer: int, rng: random.Random) -> Iterator[Any]:
-    if buffer <= 1:
-        yield from samples
-        return
-    pool: list[Any] = []
-    for s in samples:
-        if len(pool) < buffer:
-            pool.append(s)
-            continue
-        j = rng.randrange(buffer)
-        yield pool[j]
-        pool[j] = s
-    rng.shuffle(pool)
-    yield from pool
-
-
 def _with_last(it: Iterator[Any]) -> Iterator[tuple[Any, bool]]:
     try:
         prev = next(it)
@@ -173,33 +195,68 @@ class _SlotDataset(IterableDataset):
         self.max_bad_fraction = loader.max_bad_fraction
         self.buffer, self.infinite, self.decode = loader.shuffle_buffer, loader.infinite, loader.decode_batch
 
-    def epoch_samples(self, slot: int, epoch: int) -> Iterator[dict[str, Any]]:
+    @property
+    def block(self) -> int:
+        """Samples shuffled together: the stream is read in blocks of this many and each block is
+        permuted on its own, so a position is (the block's start in the shards, offset in the block)."""
+        return self.buffer if self.shuffle and self.buffer > 1 else 1
+
+    def raw_samples(self, slot: int, epoch: int, seek: Seek | None) -> Iterator[tuple[dict[str, Any], Seek]]:
+        """The slot's samples of ``epoch`` in stored order, each with its :data:`Seek`, from ``seek`` on."""
         order = epoch_order(len(self.urls), self.seed, epoch, self.shuffle)
-        total = self.world * self.workers
+        first_entry, first_index, first_byte = seek[:3] if seek else (0, 0, 0)
+        plan = slot_plan(len(self.urls), self.world * self.workers, slot, order)
+        for entry, (shard, stride, offset) in enumerate(plan):
+            if entry < first_entry:  # consumed shards are not opened
+                continue
+            index, byte = (first_index, first_byte) if entry == first_entry else (0, 0)
+            for i, (at, sample) in enumerate(shard_samples(self.urls[shard], byte), start=index):
+                if i % stride == offset:
+                    yield sample, (entry, i, at)
 
-        def read() -> Iterator[dict[str, Any]]:
-            for shard, stride, offset in slot_plan(len(self.urls), total, slot, order):
-                for i, sample in enumerate(iter_shard(self.urls[shard])):
-                    if i % stride == offset:
-                        yield sample
+    def epoch_samples(self, slot: int, epoch: int, pos: int, seek: Seek | None) -> Iterator[tuple[dict, Seek, bool]]:
+        """(sample, seek of its block, last of the epoch?) from emission ``pos`` on. ``seek`` is where
+        the block holding emission ``pos - 1`` starts (None: read from the epoch's start and skip)."""
+        size = self.block
+        block = (pos - 1) // size if (seek is not None and pos > 0) else 0
+        if seek is not None and pos > 0 and seek[3] != block:
+            raise ValueError(f"saved position {pos} of slot {slot} lies in block {block} of {size} samples, but its "
+                             f"seek is for block {seek[3]}: the state is inconsistent")
+        skip = pos - block * size  # emissions of the first block read that were consumed already
+        raw = self.raw_samples(slot, epoch, seek if block or pos else None)
+        while True:
+            pending = list(itertools.islice(raw, size))
+            if not pending:
+                if skip:
+                    raise ValueError(f"saved position {pos} of slot {slot} is past the end of its epoch {epoch}: "
+                                     f"the state does not belong to these shards")
+                return
+            block_seek = (*pending[0][1], block)
+            if size > 1:
+                random.Random(_seed("block", self.seed, epoch, slot, block)).shuffle(pending)
+            peek = next(raw, None)  # is this the epoch's last block?
+            for j, (sample, _) in enumerate(pending):
+                if skip:
+                    skip -= 1
+                    continue
+                yield sample, block_seek, peek is None and j == len(pending) - 1
+            if peek is None:
+                if skip:
+                    raise ValueError(f"saved position {pos} of slot {slot} is past the end of its epoch {epoch}: "
+                                     f"the state does not belong to these shards")
+                return
+            raw = itertools.chain([peek], raw)
+            block += 1
 
-        rng = random.Random(_seed("buffer", self.seed, epoch, slot))
-        return _shuffled(read(), self.buffer if self.shuffle else 0, rng)
-
-    def samples(self, slot: int, epoch: int, pos: int) -> Iterator[tuple[dict, int, int, int]]:
-        """(sample, its epoch, epoch and position after it), skipping ``pos`` samples first."""
+    def samples(self, slot: int, epoch: int, pos: int, seek: Seek | None) -> Iterator[tuple[dict, int, int, int, Any]]:
+        """(sample, its epoch, then epoch, position and seek after it), skipping ``pos`` samples first."""
         empty_epochs = 0
         while True:
-            seen = 0
-            for i, (sample, last) in enumerate(_with_last(self.epoch_samples(slot, epoch))):
-                seen = i + 1
-                if i < pos:
-                    continue
-                after = (epoch + 1, 0) if (last and self.infinite) else (epoch, i + 1)
+            seen = pos
+            for sample, block_seek, last in self.epoch_samples(slot, epoch, pos, seek):
+                seen += 1
+                after = (epoch + 1, 0, None) if (last and self.infinite) else (epoch, seen, block_seek)
                 yield sample, epoch, *after
-            if pos > seen:
-                raise ValueError(f"saved position {pos} of slot {slot} is past the end of its epoch {epoch} "
-                                 f"({seen} samples): the state does not belong to these shards")
             if not self.infinite:
                 return
             empty_epochs = empty_epochs + 1 if seen == 0 else 0
@@ -207,17 +264,17 @@ class _SlotDataset(IterableDataset):
                 raise ValueError(f"slot {slot} of {self.world * self.workers} (rank {self.rank}) got no samples in "
                                  f"{MAX_EMPTY_EPOCHS} epochs of {len(self.urls)} shards: fewer samples than "
                                  f"ranks x workers, or empty shards")
-            epoch, pos = epoch + 1, 0
+            epoch, pos, seek = epoch + 1, 0, None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker = ((info.id if info else 0) + self.rotate) % self.workers  # logical worker
         slot = self.rank * self.workers + worker
-        epoch, pos = self.start[worker]
+        epoch, pos, seek = self.start[worker]
         batch: list[tuple[dict, int]] = []
         bad: list[str] = []  # reasons of the samples skipped since the last batch
         seen = 0
-        for sample, sample_epoch, epoch_after, pos_after in self.samples(slot, epoch, pos):
+        for sample, sample_epoch, epoch_after, pos_after, seek_after in self.samples(slot, epoch, pos, seek):
             batch.append((sample, sample_epoch))
             seen += 1
             if len(batch) == self.batch_size:
@@ -229,12 +286,14 @@ class _SlotDataset(IterableDataset):
                         raise ShardError(f"{len(bad)} of {seen} samples read could not be decoded, more than "
                                          f"max_bad_fraction={self.max_bad_fraction}; latest: {bad[-1]}")
                     continue
-                yield {**out, "_worker": worker, "_epoch": epoch_after, "_pos": pos_after, "_bad": bad, "_seen": seen}
+                yield {**out, "_worker": worker, "_epoch": epoch_after, "_pos": pos_after, "_seek": seek_after,
+                       "_bad": bad, "_seen": seen}
                 batch, bad, seen = [], [], 0
         while batch:
             out, batch = _decode_skipping_bad(self.decode, batch, bad)
             if out is not None:
-                yield {**out, "_worker": worker, "_epoch": epoch_after, "_pos": pos_after, "_bad": bad, "_seen": seen}
+                yield {**out, "_worker": worker, "_epoch": epoch_after, "_pos": pos_after, "_seek": seek_after,
+                       "_bad": bad, "_seen": seen}
                 break
 
 
@@ -283,6 +342,7 @@ class ShardLoader:
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
         self.slots_per_rank = max(1, num_workers)
         self._workers = [(0, 0)] * self.slots_per_rank  # per logical worker: (epoch, samples consumed)
+        self._seeks: list[Seek | None] = [None] * self.slots_per_rank  # per logical worker: its block's start
         self._next_worker = 0
         # corrupt samples are skipped and counted (this process's lifetime); past this fraction: an error
         self.max_bad_fraction, self.samples_seen, self.samples_bad = max_bad_fraction, 0, 0
@@ -296,7 +356,8 @@ class ShardLoader:
 
     # -- iteration
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        dataset = _SlotDataset(self.urls, self, list(self._workers), self._next_worker)
+        start = [(e, p, seek) for (e, p), seek in zip(self._workers, self._seeks)]
+        dataset = _SlotDataset(self.urls, self, start, self._next_worker)
         kwargs = {"prefetch_factor": self.prefetch_factor} if self.num_workers else {}
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.pin_memory, **kwargs)
@@ -305,6 +366,7 @@ class ShardLoader:
             worker = batch.pop("_worker")
             self._count_bad(batch.pop("_bad"), batch.pop("_seen"))
             self._workers[worker] = (batch.pop("_epoch"), batch.pop("_pos"))
+            self._seeks[worker] = batch.pop("_seek")
             self._next_worker = (worker + 1) % self.slots_per_rank
             yield self.finish_batch(batch)
         if not self.infinite:  # a completed finite pass: the next iter() is the next epoch
@@ -326,6 +388,7 @@ class ShardLoader:
     def set_epoch(self, epoch: int) -> None:
         """Start every worker at the beginning of ``epoch`` (finite mode: the next pass)."""
         self._workers = [(epoch, 0)] * self.slots_per_rank
+        self._seeks = [None] * self.slots_per_rank
         self._next_worker = 0
 
     # -- resume
@@ -336,7 +399,8 @@ class ShardLoader:
         return {"version": 1, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
                 "num_workers": self.num_workers, "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer,
                 "infinite": self.infinite, "shards": self._fingerprint(), "num_shards": len(self.urls),
-                "workers": [list(w) for w in self._workers], "next_worker": self._next_worker}
+                "workers": [list(w) for w in self._workers], "next_worker": self._next_worker,
+                "seeks": [list(s) if s is not None else None for s in self._seeks]}
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         mine = self.state_dict()
@@ -350,6 +414,9 @@ class ShardLoader:
             self.set_epoch(min(e for e, _ in state["workers"]))
             return
         self._workers = [(int(e), int(p)) for e, p in state["workers"]]
+        # where each worker's block starts; a state without them (older) re-reads its epoch up to the position
+        seeks = state.get("seeks") or [None] * self.slots_per_rank
+        self._seeks = [tuple(int(x) for x in s) if s is not None else None for s in seeks]
         self._next_worker = int(state["next_worker"])
 
 
@@ -549,4 +616,4 @@ def _manifest_shard_names(m: dict[str, Any]) -> set[str] | None:
 
 __all__ = ["ImageShardLoader", "TokenShardLoader", "ShardLoader", "ShardError", "check_token_manifest",
            "check_image_manifest", "bpe_seeds",
-           "holdout_split", "slot_plan", "epoch_order", "iter_shard"]
+           "holdout_split", "slot_plan", "epoch_order", "iter_shard", "shard_samples"]

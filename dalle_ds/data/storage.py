@@ -165,10 +165,10 @@ class RetryingBody(io.RawIOBase):
     object at the current offset (Range: bytes=N-) after a backoff, at most ``READ_RETRIES``
     times in a row; then the error is raised, naming the URL."""
 
-    def __init__(self, url: str, retries: int = READ_RETRIES, backoff_s: float = BACKOFF_S):
+    def __init__(self, url: str, retries: int = READ_RETRIES, backoff_s: float = BACKOFF_S, start: int = 0):
         self.url, self.retries, self.backoff_s = url, retries, backoff_s
         self.bucket, self.key = split_s3(url)
-        self.pos, self.size, self.body = 0, None, None
+        self.pos, self.size, self.body = start, None, None  # pos: absolute offset in the object
         self._open()
 
     def _open(self) -> None:
@@ -177,8 +177,8 @@ class RetryingBody(io.RawIOBase):
             r = s3_client().get_object(Bucket=self.bucket, Key=self.key, **kwargs)
         except Exception as e:  # noqa: BLE001 - re-raised with the URL in the message
             raise OSError(f"{self.url}: cannot read S3 object ({type(e).__name__}: {e})") from e
-        if self.size is None:
-            self.size = int(r["ContentLength"])
+        if self.size is None:  # a ranged response's length is what is left from pos
+            self.size = self.pos + int(r["ContentLength"])
         self.body = r["Body"]
 
     def readable(self) -> bool:
@@ -214,11 +214,15 @@ class RetryingBody(io.RawIOBase):
         super().close()
 
 
-def open_read(url: str) -> IO[bytes]:
-    """A binary, streaming file-like object for a path or an s3:// URL (S3: :class:`RetryingBody`)."""
+def open_read(url: str, start: int = 0) -> IO[bytes]:
+    """A binary, streaming file-like object for a path or an s3:// URL (S3: :class:`RetryingBody`),
+    positioned at byte ``start`` (S3: a ranged GET, so the bytes before it are never transferred)."""
     if is_s3(url):
-        return io.BufferedReader(RetryingBody(url), buffer_size=1 << 20)
-    return open(url, "rb")
+        return io.BufferedReader(RetryingBody(url, start=start), buffer_size=1 << 20)
+    f = open(url, "rb")
+    if start:
+        f.seek(start)
+    return f
 
 
 def abort_multipart_uploads(prefix_url: str) -> int:
