@@ -105,16 +105,18 @@ def train(cfg: Config, ds_config_path: str, sample_hooks: list[SampleHook] | Non
     mode, ds_config = resolve_mode(load_ds_config(ds_config_path), cfg.precision)  # fp16_block16: 16-bit regime
     engine = build_prior_engine(cfg, ds_config, mode, hierarchy.engine_kwargs() if hierarchy else {})
     sched = prior_lr_schedule(cfg.optim)  # optim.schedule: plateau (paper) or cosine
-    ckpt = Checkpointer.from_config(engine, cfg.run.dir, cfg.checkpoint)
-    ckpt.register_stateful("schedule", sched)
-    ckpt.register_stateful("data", loader)
-    if hierarchy:
-        ckpt.register_stateful("powersgd", hierarchy)  # per rank: error buffers of its own shards
+    # hierarchical: one copy of the model state (node 0 writes), resumable on another number of nodes
+    ckpt = Checkpointer.from_config(engine, cfg.run.dir, cfg.checkpoint,
+                                    node_groups=hierarchy.groups if hierarchy else None)
+    ckpt.register_stateful("schedule", sched, scope="replicated")
+    ckpt.register_stateful("data", loader, scope="redistributed")  # virtual ranks: exactly-once on a resize
+    if hierarchy:  # the error buffers' mean over nodes, one copy (dalle_ds.parallel.hierarchy.CrossNodeState)
+        ckpt.register_stateful("powersgd", hierarchy.checkpoint_state(), scope="node_replica")
     scaler = None
     if mode in ("fp16_block", "fp16_block16"):
         scaler = precision.attach(engine.model, cfg.precision, info.world_size)
         precision.install(engine, scaler)  # skip vote = agreed overflow flags; scales updated after the step
-        ckpt.register_stateful("precision", scaler)
+        ckpt.register_stateful("precision", scaler, scope="replicated")
     # -- loop
     log = MetricsLogger.from_config(cfg.run.dir, cfg.logging, echo_keys=ECHO_KEYS, run_config=cfg)
     loop = TrainLoop(cfg.optim.max_steps, log, ckpt=ckpt, run_dir=cfg.run.dir, desc="train")
@@ -157,6 +159,8 @@ def seed_everything(seed: int) -> None:
 def build_loader(cfg: Config):
     """Token shards checked against the run's grid, codebook and (when given) dVAE; text tokenized on the fly."""
     from dalle_ds.data.loaders import TokenShardLoader, check_token_manifest
+    from dalle_ds.data.storage import expand_urls
+    from dalle_ds.data.virtual_ranks import VirtualRankLoader
     from dalle_ds.data.tokenizer import TextTokenizer
     from dalle_ds.models.dvae_io import dvae_hash
 
@@ -168,11 +172,19 @@ def build_loader(cfg: Config):
     if validation_spec is not None:
         check_token_manifest(validation_spec, m.image_grid, m.image_vocab_size,
                              expected_dvae_hash=dvae_hash(cfg.data.dvae) if cfg.data.dvae else None)
-    return TokenShardLoader(train_spec, cfg.optim.micro_batch_size, tokenizer=tokenizer,
-                            views=token_views(cfg.data.token_shards), use_views=cfg.data.token_views,
-                            grid=m.image_grid, codebook_size=m.image_vocab_size, bpe_dropout=cfg.data.bpe_dropout,
-                            num_workers=cfg.data.num_workers, seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                            max_bad_fraction=cfg.data.max_bad_fraction)
+    urls = expand_urls(train_spec)  # listed once, for every virtual rank's loader
+
+    def make(rank: int, world_size: int) -> TokenShardLoader:
+        return TokenShardLoader(urls, cfg.optim.micro_batch_size, tokenizer=tokenizer, rank=rank, world_size=world_size,
+                                views=token_views(cfg.data.token_shards), use_views=cfg.data.token_views,
+                                grid=m.image_grid, codebook_size=m.image_vocab_size, bpe_dropout=cfg.data.bpe_dropout,
+                                num_workers=cfg.data.num_workers, seed=cfg.run.seed,
+                                shuffle_buffer=cfg.data.shuffle_buffer, max_bad_fraction=cfg.data.max_bad_fraction)
+
+    # the data position is kept per virtual rank (the first run's world size): a resume on fewer nodes
+    # reads the same samples exactly once (dalle_ds/data/virtual_ranks.py)
+    info = launch_info()
+    return VirtualRankLoader(make, info.rank, info.world_size)
 
 
 def build_prior_engine(cfg: Config, ds_config: dict, mode: str, hierarchy_kwargs: dict[str, Any]) -> Engine:

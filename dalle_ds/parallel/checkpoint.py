@@ -60,10 +60,10 @@ number of ranks changes between save and resume:
   but the averaged update depends only on their mean over nodes (the 16-bit payload's rounding
   aside), so :meth:`dalle_ds.parallel.hierarchy.Hierarchy.checkpoint_state` saves that mean, one
   copy, and every node resumes with it, on any number of nodes: the next updates are the ones the
-  uninterrupted run makes. Per-rank buffers would have cost N copies of a gradient-sized fp32
-  buffer: 12B x 4 B = 48 GB per node, 6.1 TB per checkpoint on 128 nodes. The one copy costs
-  4 B per compressed parameter (up to 48 GB at 12B, about a third of the model state) and one
-  cross-node all-reduce per checkpoint. Buffers that cannot be re-split (another node size,
+  uninterrupted run makes. Per-rank buffers would have cost N copies of 4 B per compressed
+  parameter: for the paper preset 3.53 GB per GPU, 28 GB per node, 3.6 TB per checkpoint on 128
+  nodes. The one copy costs 28 GB (against ~148 GB for one copy of the model state) and one cross-node
+  all-reduce per buffer at each checkpoint. Buffers that cannot be re-split (another node size,
   a run with one node, which does not compress) are reset with a logged warning.
 
 DeepSpeed is called with ``save_latest=False``: its own ``latest`` file would move before the
@@ -320,8 +320,8 @@ class Checkpointer:
                 raise ValueError(f"{project}: saved by {saved_world} ranks, resuming with {world}: the state of "
                                  f"{refused} is per rank and cannot be re-split (register it with another scope)")
             print0(f"checkpoint: WARNING {self.root / tag} was saved by {saved_world} ranks "
-                   f"({saved_world // saved_node} nodes of {saved_node}), resuming on {world} "
-                   f"({world // self.node_size} nodes); RNG streams are taken from rank r mod {saved_world}")
+                   f"({_nodes(saved_world // saved_node)} of {saved_node}), resuming on {world} "
+                   f"({_nodes(world // self.node_size)}); RNG streams are taken from rank r mod {saved_world}")
         path = project / f"rank_{rank % saved_world:05d}.pt"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; was {self.root / tag} written by {saved_world} ranks?")
@@ -370,6 +370,10 @@ class Checkpointer:
             return int(layout["world_size"]), int(layout["node_size"])
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a checkpoint layout ({e!r})") from None
+
+
+def _nodes(n: int) -> str:
+    return f"{n} node" if n == 1 else f"{n} nodes"
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
