@@ -364,6 +364,7 @@ class PowerSGD:
             raise ValueError(f"powersgd state has rank={state['rank']}, this run has powersgd.rank={self.cfg.rank}")
         from dalle_ds.parallel.dist import default_device
 
+        self._settle()
         for mine, saved_all, what in ((self.errors, state["errors"], "error buffer"), (self.qs, state["qs"], "Q")):
             for key, saved in saved_all.items():
                 buf = mine.get(key)
