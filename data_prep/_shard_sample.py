@@ -43,6 +43,8 @@ DROP_REASONS = (
     "undecodable",  # truncated or corrupt image data
     "unsupported_mode",
     "duplicate",  # same pixels as an earlier kept sample
+    "near_duplicate",  # pHash within --phash-distance of an earlier kept sample's
+    "caption_repeated",  # --max-caption-repeats earlier kept samples already have this caption
 )
 
 

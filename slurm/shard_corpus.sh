@@ -1,7 +1,9 @@
 #!/bin/bash
 # Data: shard a raw image-text corpus into webdataset shards, one worker per CPU; as a job array,
 # one contiguous part of the inputs per array element (OUTPUT/part-NNNNN/), then one finalize job
-# merges the parts' manifests and drops duplicates across parts.
+# merges the parts' manifests and applies the filters that compare samples with earlier ones
+# (duplicates; --phash-distance, --max-caption-repeats from the parts' EXTRA_ARGS) in input order,
+# so the result holds the same samples as one job (tests/test_slurm_shard.py runs this on a real cluster).
 # Resumable: a requeued or re-submitted job skips the shards already written.
 #
 #   INPUT=s3://raw/pairs.jsonl OUTPUT=s3://data/shards/ sbatch slurm/shard_corpus.sh          # one machine

@@ -187,6 +187,7 @@ def test_repeats_and_near_duplicates_one_run_parts_and_resume_agree(tmp_path, mo
     one = shard_corpus.main([*base, "--output", str(tmp_path / "one")])
     assert (one["inputs"], one["samples"]) == (want["inputs"], want["kept"])
     assert {k: v for k, v in one["dropped"].items() if v} == want["dropped"]
+    assert set(one["dropped"]) >= {"near_duplicate", "caption_repeated", "caption_language"}  # zeros listed too
     kept = _captions(tmp_path / "one")
     assert "the pixels of k1 with a new caption" in kept and "the first image again" not in kept
     assert sum(c.lower().split() == "a red cube on a blue table".split() for c in kept) == 2
