@@ -107,3 +107,35 @@ def test_register_stateful_scopes():
         ck.register_stateful("x", object(), scope="everywhere")
     with pytest.raises(TypeError, match="load_rank_states"):
         ck.register_stateful("x", object(), scope="redistributed")
+
+
+def _fake_checkpoint(root, layout: dict) -> None:
+    import json
+
+    project = root / "step_00000004" / "project"
+    project.mkdir(parents=True)
+    (project / "layout.json").write_text(json.dumps(layout))
+    (root / "latest").write_text("step_00000004\n")
+
+
+def test_resume_refuses_another_partition_and_per_rank_state_on_another_world(tmp_path):
+    from dalle_ds.parallel.checkpoint import Checkpointer
+
+    class Position:
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    # one process (world 1, flat): a checkpoint partitioned over 2 ranks cannot load here
+    _fake_checkpoint(tmp_path / "a", {"world_size": 2, "node_size": 2, "num_nodes": 1})
+    ck = Checkpointer(None, tmp_path / "a", every_steps=1, keep_last=1, signals=())
+    with pytest.raises(ValueError, match=r"layout.json: the model state is partitioned over 2 ranks .*flat ZeRO-3"):
+        ck.resume()
+    # same partition (1 rank per node), other world size: per-rank state is refused, by name
+    _fake_checkpoint(tmp_path / "b", {"world_size": 3, "node_size": 1, "num_nodes": 3})
+    ck = Checkpointer(None, tmp_path / "b", every_steps=1, keep_last=1, signals=())
+    ck.register_stateful("position", Position())
+    with pytest.raises(ValueError, match=r"saved by 3 ranks, resuming with 1: the state of \['position'\] is per rank"):
+        ck.resume()

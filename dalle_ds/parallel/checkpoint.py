@@ -309,11 +309,13 @@ class Checkpointer:
         saved_world, saved_node = self._saved_layout(project)
         world, rank = _world(), get_rank()
         if saved_node != self.node_size:
+            if self.node_groups is None and saved_world == saved_node:
+                how = ("a flat ZeRO-3 checkpoint resumes on the same number of ranks only (hierarchical runs, "
+                       "powersgd.hierarchical or powersgd.enabled, resume on any number of nodes of their size)")
+            else:
+                how = "resume with nodes of the saved size (powersgd.node_size)"
             raise ValueError(f"{project / LAYOUT}: the model state is partitioned over {saved_node} ranks "
-                             f"({'nodes of that size' if saved_world != saved_node else 'a flat ZeRO-3 run'}); "
-                             f"this run partitions over {self.node_size}"
-                             f"{' (nodes of that size)' if self.node_groups is not None else ' (flat ZeRO-3)'}: "
-                             f"resume with the same node size (powersgd.node_size)")
+                             f"({saved_world} ranks saved it); this run partitions over {self.node_size}: {how}")
         if saved_world != world:
             refused = self._names("rank")
             if refused:
