@@ -6,7 +6,8 @@ Builds img2dataset-like input tars once (10,000 samples each; 8x8 PPM images of 
 so every image is distinct; every 20th sample repeats an earlier sample's pixels -> ``duplicate``,
 every 20th (offset 10) has a one-word caption -> ``caption_too_short``), then runs
 ``data_prep/shard_corpus.py --workers 1`` over the first N/10,000 tars in a fresh process per
-run and records that process's peak RSS (``ru_maxrss``) and wall time. ``--before-root`` names a
+run and records that process's peak RSS (``ru_maxrss``) and wall time, and along the way its peak RSS
+so far (``VmHWM``) after every finished 10,000-sample shard (the curve within one run). ``--before-root`` names a
 checkout of an older version (e.g. ``git archive <commit> | tar -x -C /tmp/dalle-old``) run the
 same way, so "before" and "after" share one record. The issue's target: flat within 20% from
 100k to 1M samples.
@@ -22,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -63,19 +65,47 @@ def make_tar(path: Path, part: int) -> None:
 
 
 def run(root: Path, tars: list[Path], out: Path) -> dict:
+    """One shard_corpus process over ``tars``: its peak RSS and wall time, plus ``along``: its peak RSS
+    so far (/proc VmHWM, what ru_maxrss reports at exit) each time another 10,000-sample shard is
+    finished, so one large run also shows the curve (and a run stopped early still says something)."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-c", DRIVER, "--input", *map(str, tars), "--output", str(out), "--workers", "1",
            "--samples-per-shard", "10000", "--image-size", "8", "--min-size", "8", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(root)}
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    along: list[dict] = []
+    output: dict[str, str] = {}
+    with subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        def drain() -> None:
+            output["stdout"], output["stderr"] = proc.communicate()
+
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        while reader.is_alive():
+            progress = out / "_progress"
+            shards = len(list(progress.glob("shard-*.tar.json"))) if progress.is_dir() else 0
+            hwm = _vm_hwm_kib(proc.pid)
+            if hwm and shards and (not along or along[-1]["shards"] < shards):
+                along.append({"shards": shards, "peak_rss_mb": round(hwm / 1024, 1)})
+            reader.join(timeout=1.0)
+    stdout, stderr = output["stdout"], output["stderr"]
     if proc.returncode != 0:
-        raise RuntimeError(f"{root}: shard_corpus failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout.rsplit("RESULT ", 1)[1])
+        raise RuntimeError(f"{root}: shard_corpus failed:\n{stdout[-2000:]}\n{stderr[-4000:]}")
+    result = json.loads(stdout.rsplit("RESULT ", 1)[1])
     manifest = json.loads((out / "manifest.json").read_text())
     result.update(samples=manifest["samples"], inputs=manifest["inputs"],
-                  dropped=sum(manifest["dropped"].values()))
+                  dropped=sum(manifest["dropped"].values()), along=along)
     shutil.rmtree(out, ignore_errors=True)
     return result
+
+
+def _vm_hwm_kib(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 def main() -> None:
@@ -103,7 +133,8 @@ def main() -> None:
                 r = run(root, tars, args.workdir / f"out-{label}")
                 rec.add(f"peak_rss_mb_{label}_{n}", r["peak_rss_kb"] / 1024, unit="MiB", seconds=round(r["seconds"], 1),
                         inputs=r["inputs"], kept=r["samples"], dropped=r["dropped"], root=str(root),
-                        image="8x8 ppm in tars", workers=1, load_avg_1min=round(os.getloadavg()[0], 2))
+                        image="8x8 ppm in tars", workers=1, load_avg_1min=round(os.getloadavg()[0], 2),
+                        along=r["along"])
         for label in roots:
             big = [f for f in rec.figures if f["metric"].startswith(f"peak_rss_mb_{label}_")]
             if len(big) >= 2:
