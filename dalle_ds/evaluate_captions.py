@@ -403,8 +403,11 @@ def main(argv: list[str] | None = None) -> dict:
 def print_report(r: dict, out: Path) -> None:
     n, k, m = r["candidates"], r["keep"], r["captions"]
     ov = r["overlap"]
+    sp = r["sampling"]
     print(f"demo_eval: caption-match, {m} held-out {r['split']} captions x {n} candidates (CLIP keeps {k}); overlap "
           f"with training {ov['strings']} strings / {ov['meanings']} meanings; grids in {out}")
+    print(f"demo_eval: sampling temperature {sp['temperature']}, top-k {sp['top_k']}, top-p {sp['top_p']}, "
+          f"guidance scale {sp.get('guidance_scale', 1.0)}" + ("" if sp.get("guidance_scale", 1.0) != 1.0 else " (off)"))
     print(f"demo_eval: caption-match without reranking {fmt(r['rates']['without_rerank'])} | with reranking: top-1 "
           f"{fmt(r['rates']['rerank_top1'])}, top-{k} {r['caption_match'][f'rerank_top{k}']:.3f} "
           f"| any of {n} {fmt(r['rates']['any_of_n'])} | real held-out images {r['ceilings']['real']['rate']:.3f}")

@@ -165,9 +165,12 @@ def test_demo_eval_prints_caption_match_with_and_without_reranking(tmp_path, cap
     prior_dir, dvae_dir = make_exports(tmp_path, grid=8)  # 16px images
     res = demo_eval.main(["--run", str(tmp_path), "--checkpoint", str(prior_dir), "--dvae", str(dvae_dir),
                           "--clip-steps", "2", "--tokenizer", str(tok), "--dev-captions", "1", "--captions", "2",
-                          "-n", "3", "--keep", "2", "--references", "6", "--batch-size", "4", "--bootstrap", "50"])
+                          "-n", "3", "--keep", "2", "--references", "6", "--batch-size", "4", "--bootstrap", "50",
+                          "--temperature", "0.9", "--guidance-scale", "2"])
     out = capsys.readouterr().out
     assert "caption-match without reranking" in out and "top-1" in out
+    assert "sampling temperature 0.9, top-k 0, top-p 1.0, guidance scale 2.0" in out
+    assert res["sampling"] == {"temperature": 0.9, "top_k": 0, "top_p": 1.0, "guidance_scale": 2.0}
     assert f"2 test captions and 6 references from {tmp_path / 'heldout_shards'}" in out
     assert "held-out overlap with training: 0/2 caption strings, 0/2 meanings (32 distinct training captions)" in out
     assert "judge CLIP (separately trained, seed 1; not the reranker)" in out
