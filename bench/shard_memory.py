@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,7 @@ def make_tar(path: Path, part: int) -> None:
     tmp.rename(path)
 
 
-def run(root: Path, tars: list[Path], out: Path) -> dict:
+def run(root: Path, tars: list[Path], out: Path, stop_at: float | None = None) -> dict:
     """One shard_corpus process over ``tars``: its peak RSS and wall time, plus ``along``: its peak RSS
     so far (/proc VmHWM, what ru_maxrss reports at exit) each time another 10,000-sample shard is
     finished, so one large run also shows the curve (and a run stopped early still says something)."""
@@ -74,6 +75,7 @@ def run(root: Path, tars: list[Path], out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(root)}
     along: list[dict] = []
     output: dict[str, str] = {}
+    stopped = False
     with subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         def drain() -> None:
             output["stdout"], output["stderr"] = proc.communicate()
@@ -81,6 +83,9 @@ def run(root: Path, tars: list[Path], out: Path) -> dict:
         reader = threading.Thread(target=drain, daemon=True)
         reader.start()
         while reader.is_alive():
+            if stop_at is not None and time.time() > stop_at and proc.poll() is None:
+                proc.terminate()  # out of time: what ``along`` holds is the result
+                stopped = True
             progress = out / "_progress"
             shards = len(list(progress.glob("shard-*.tar.json"))) if progress.is_dir() else 0
             hwm = _vm_hwm_kib(proc.pid)
@@ -88,6 +93,9 @@ def run(root: Path, tars: list[Path], out: Path) -> dict:
                 along.append({"shards": shards, "peak_rss_mb": round(hwm / 1024, 1)})
             reader.join(timeout=1.0)
     stdout, stderr = output["stdout"], output["stderr"]
+    if stopped:
+        shutil.rmtree(out, ignore_errors=True)
+        return {"stopped": True, "along": along}
     if proc.returncode != 0:
         raise RuntimeError(f"{root}: shard_corpus failed:\n{stdout[-2000:]}\n{stderr[-4000:]}")
     result = json.loads(stdout.rsplit("RESULT ", 1)[1])
@@ -116,6 +124,9 @@ def main() -> None:
                    help="sizes to run the --before-root version at (default: --samples)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bench-shard-memory"))
     p.add_argument("--record-suffix", default="", help="appended to the record's name (e.g. _1m for a separate run)")
+    p.add_argument("--stop-after-s", type=float, default=None,
+                   help="stop the runs this many seconds after the start and record how far the last one got "
+                        "(its peak RSS after each finished shard) instead of its final peak")
     args = p.parse_args()
     inputs = args.workdir / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
@@ -124,19 +135,29 @@ def main() -> None:
         if not (inputs / f"part-{part:05d}.tar").exists():
             make_tar(inputs / f"part-{part:05d}.tar", part)
     roots = {"after": REPO} | ({"before": args.before_root.resolve()} if args.before_root else {})
+    stop_at = time.time() + args.stop_after_s if args.stop_after_s else None
     with Recorder("shard_memory" + args.record_suffix) as rec:
         for n in args.samples:
+            if stop_at is not None and time.time() > stop_at:
+                break
             tars = [inputs / f"part-{k:05d}.tar" for k in range(-(-n // PER_TAR))]
             for label, root in roots.items():
                 if label == "before" and args.before_samples is not None and n not in args.before_samples:
                     continue
-                r = run(root, tars, args.workdir / f"out-{label}")
+                r = run(root, tars, args.workdir / f"out-{label}", stop_at)
+                if r.get("stopped"):
+                    last = r["along"][-1] if r["along"] else {"shards": 0, "peak_rss_mb": float("nan")}
+                    rec.add(f"peak_rss_mb_{label}_{n}_stopped_after_{last['shards'] * 10000}_kept",
+                            last["peak_rss_mb"], unit="MiB", stopped_after_s=args.stop_after_s, root=str(root),
+                            image="8x8 ppm in tars", workers=1, load_avg_1min=round(os.getloadavg()[0], 2),
+                            along=r["along"])
+                    break
                 rec.add(f"peak_rss_mb_{label}_{n}", r["peak_rss_kb"] / 1024, unit="MiB", seconds=round(r["seconds"], 1),
                         inputs=r["inputs"], kept=r["samples"], dropped=r["dropped"], root=str(root),
                         image="8x8 ppm in tars", workers=1, load_avg_1min=round(os.getloadavg()[0], 2),
                         along=r["along"])
         for label in roots:
-            big = [f for f in rec.figures if f["metric"].startswith(f"peak_rss_mb_{label}_")]
+            big = [f for f in rec.figures if f["metric"].startswith(f"peak_rss_mb_{label}_") and "inputs" in f]
             if len(big) >= 2:
                 rec.add(f"rss_growth_{label}_{big[-2]['inputs']}_to_{big[-1]['inputs']}",
                         big[-1]["value"] / big[-2]["value"], unit="x")
