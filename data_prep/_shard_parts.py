@@ -13,8 +13,8 @@ applies them exactly as a single run does (:meth:`SeenHashes.check` / ``keep``) 
 shard that held a dropped sample without it;
 ``OUT/manifest.json`` lists every part's shards (``part-PPPPP/NAME``), the summed drop counts and
 ``OUT/rejects.jsonl`` (the parts' rejects, then finalize's drops). Before a shard is
-rewritten its decision is recorded in ``OUT/_finalize/``, so a killed finalize re-run counts the
-same duplicates. Memory: the duplicate filter is an sqlite file (:class:`SeenHashes`).
+rewritten its decision is recorded in ``OUT/_finalize/``, so a killed finalize re-run reaches
+the same verdicts (and redoes a rewrite the kill interrupted). Memory: the duplicate filter is an sqlite file (:class:`SeenHashes`).
 """
 
 from __future__ import annotations
@@ -103,9 +103,10 @@ def finalize(out: str, num_parts: int, fmt: str, reasons: tuple[str, ...]) -> di
             record_url = storage.join(storage.join(out, FINALIZE), f"part-{p:05d}-{sh['name']}.json")
             record = storage.read_json(record_url) if storage.exists(record_url) else None
             decided = {r["key"] for r in record["duplicates"]} if record else set()
-            found, kept = [], 0
+            found, kept, stale = [], 0, False
             for key, members in _samples(url):
-                if key in decided:
+                if key in decided:  # recorded as dropped, still in the shard: killed before the rewrite
+                    stale = True
                     continue
                 meta = json.loads(members["json"])
                 caption = caption_key(members["txt"].decode("utf-8"))
@@ -122,6 +123,8 @@ def finalize(out: str, num_parts: int, fmt: str, reasons: tuple[str, ...]) -> di
                 storage.write_json_atomic(record_url, record)
                 if found:
                     _rewrite(folder, sh["name"], {r["key"] for r in found})
+            elif stale:
+                _rewrite(folder, sh["name"], decided)
             for r in record["duplicates"]:
                 drops[r["reason"]] += 1
                 spool.write(json.dumps({k: v for k, v in r.items() if k != "key"}, ensure_ascii=False) + "\n")

@@ -218,6 +218,33 @@ def test_repeats_and_near_duplicates_one_run_parts_and_resume_agree(tmp_path, mo
                                                                for p in (tmp_path / "one").iterdir()}
 
 
+def test_a_killed_finalize_rerun_reaches_the_same_verdicts(tmp_path, monkeypatch):
+    """finalize records each shard's verdicts before rewriting it: interrupted after its first
+    rewrite and run again, it keeps what it decided and judges the rest as one run does."""
+    from data_prep import _shard_parts
+
+    make_repeats_corpus(tmp_path / "corpus")
+    base = ["--input", str(tmp_path / "corpus"), "--samples-per-shard", "2", "--workers", "1", *SMALL, *ORDER]
+    one = shard_corpus.main([*base, "--output", str(tmp_path / "one")])
+    for part in range(3):
+        shard_corpus.main([*base, "--output", str(tmp_path / "three"), "--part", str(part), "--num-parts", "3"])
+    real, calls = _shard_parts._rewrite, []
+
+    def rewrite_then_die(*a):
+        calls.append(a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(*a)
+    with monkeypatch.context() as m:
+        m.setattr(_shard_parts, "_rewrite", rewrite_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            shard_corpus.main(["--output", str(tmp_path / "three"), "--num-parts", "3", "--finalize"])
+    assert not (tmp_path / "three" / "manifest.json").exists()
+    merged = shard_corpus.main(["--output", str(tmp_path / "three"), "--num-parts", "3", "--finalize"])
+    assert (merged["samples"], merged["dropped"]) == (one["samples"], one["dropped"])
+    assert _captions(tmp_path / "three") == _captions(tmp_path / "one")
+
+
 def test_parts_with_different_order_rules_refuse_to_finalize(tmp_path):
     make_repeats_corpus(tmp_path / "corpus")
     base = ["--input", str(tmp_path / "corpus"), "--workers", "1", *SMALL, "--num-parts", "2",
