@@ -1,7 +1,14 @@
 """fp32-master against the 16-bit model-state regime (#14) on the tiny preset: same seed, same batches,
 2 gloo ranks under DeepSpeed ZeRO-3, fp16 branches with block scaling in both.
 
-    python -m bench.precision_regimes --steps 500 [--micro-batch 8] [--time-budget 1800]
+    python -m bench.precision_regimes --steps 500 [--micro-batch 8] [--time-budget 1800] [--log-every 50]
+
+Cost on a CPU: this CPU has no fp16 GEMM (2-core EPYC, one thread, tiny prior forward+backward: micro-batch
+2 in fp32 0.10-0.18 s, under fp16 autocast 1.25-1.40 s, bf16 1.28-1.59 s; ``aten::mm`` is 69% of it), and
+on the shared, loaded machine an update of 2 ranks took ~3.5 s at micro-batch 1 or 2 alike. The recorded
+run (2026-12-02) used ``--micro-batch 1 --time-budget 2400``: 500 updates per regime in 1778 s (fp32
+master) and 1520 s (16-bit). The preset (sequence, vocabularies, layers) is unchanged; only the
+micro-batch, one thread per rank and no validation/sampling are the bench's.
 
 fp32 master: zero3_fp16_v100.json (DeepSpeed in fp32, torch AdamW, 16 B/param); 16-bit:
 zero3_fp16_v100_16bit.json + precision.branch_dtype=float16 (bf16 partitions, AdamW16 with stochastic
@@ -39,7 +46,7 @@ def _batch(step: int, rank: int, b: int, m) -> tuple[torch.Tensor, torch.Tensor]
     return text, codes
 
 
-def _run(regime: str, steps: int, micro_batch: int, budget: float) -> dict:
+def _run(regime: str, steps: int, micro_batch: int, budget: float, log_every: int) -> dict:
     from dalle_ds.config import load_config
     from dalle_ds.models.prior import Prior, keep_fp32, no_decay
     from dalle_ds.parallel import block_scaling as precision
@@ -72,8 +79,10 @@ def _run(regime: str, steps: int, micro_batch: int, budget: float) -> dict:
         total.append(lv / 2)
         image.append(iv / 2)
         sched.step(total[-1])  # identical on every rank (averaged), as train.py does
-        stop = all_reduce_values([float(time.perf_counter() - t0 > budget)], "max")[0]
-        if stop:
+        if rank == 0 and (step + 1) % log_every == 0:
+            print(f"{regime}: update {step + 1}/{steps} image loss {image[-1]:.4f} skipped {eng.skipped_updates} "
+                  f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        if (step + 1) % 10 == 0 and all_reduce_values([float(time.perf_counter() - t0 > budget)], "max")[0]:
             break
     return {"mode": mode, "image_loss": image, "loss": total, "steps": len(image),
             "skipped": eng.skipped_updates, "seconds": time.perf_counter() - t0}
@@ -105,10 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--time-budget", type=float, default=1800.0, help="seconds per regime (stops early)")
+    ap.add_argument("--log-every", type=int, default=50, help="progress line on stderr every N updates")
     args = ap.parse_args(argv)
     out: dict[str, dict] = {}
     for regime in REGIMES:
-        out[regime] = run_ranks(_run, world_size=2, args=(regime, args.steps, args.micro_batch, args.time_budget),
+        out[regime] = run_ranks(_run, world_size=2, args=(regime, args.steps, args.micro_batch, args.time_budget,
+                                                                 args.log_every),
                                 timeout_s=args.time_budget + 600, extra_env={"OMP_NUM_THREADS": "1"})[0]
     n = min(r["steps"] for r in out.values())
     tail = max(1, n // 10)
