@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
+# Sampling of the demo's evaluation (chosen on the 64 dev captions, README "What each lever bought"); e.g.
+# `make demo DEMO_SAMPLING="--temperature 0.7"`, or with a prior trained with data.caption_dropout:
+# "--guidance-scale 3" (classifier-free guidance)
+DEMO_SAMPLING ?= --temperature 1.0
 export DS_ACCELERATOR ?= cpu
 export PYTHONPATH := $(CURDIR)
 
@@ -57,7 +61,8 @@ demo: venv
 	$(PY) -m dalle_ds.export $(DEMO_DIR)/prior $(DEMO_DIR)/prior/export
 	# Reranker CLIP + judge CLIP (trained side by side), 16 samples for each of 128 held-out test captions,
 	# caption-match rates with 95% intervals per caption kind and attribute, judge-CLIP FID/IS/CLIP score
-	$(PY) -m dalle_ds.evaluate_captions --run $(DEMO_DIR) --checkpoint $(DEMO_DIR)/prior/export --dvae $(DEMO_DIR)/dvae/export
+	$(PY) -m dalle_ds.evaluate_captions --run $(DEMO_DIR) --checkpoint $(DEMO_DIR)/prior/export --dvae $(DEMO_DIR)/dvae/export \
+		$(DEMO_SAMPLING)
 	@echo "demo outputs are in $(DEMO_DIR)"
 
 test: venv
