@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dvae-row", action="append", default=[], help="LABEL:EXPORT:IMAGE_SIZE of a dVAE export")
     ap.add_argument("--heldout", default="runs/lev/heldout_shards")
     ap.add_argument("--note", default="", help="conditions, e.g. the load average while the runs ran")
+    ap.add_argument("--record-suffix", default="", help="bench/results/prior_levers<suffix>-*.json (keeps earlier records)")
     args = ap.parse_args(argv)
-    with Recorder("prior_levers") as rec:
+    with Recorder("prior_levers" + args.record_suffix) as rec:
         rec.add("load_average_now", os.getloadavg()[0], note=args.note)
         for spec in args.dvae_row:
             label, export, size = spec.rsplit(":", 2)
