@@ -14,7 +14,7 @@ fp32 master: zero3_fp16_v100.json (DeepSpeed in fp32, torch AdamW, 16 B/param); 
 zero3_fp16_v100_16bit.json + precision.branch_dtype=float16 (bf16 partitions, AdamW16 with stochastic
 rounding, fp32 masters and moments for the fp32 set). Batches: captions of random tokens whose image
 codes follow from the text (a learnable rule), a fresh batch per step, the same on both regimes.
-Records per-step image loss curves (JSON + PNG drawn with PIL), the final image loss (mean of the last
+Records per-step image loss curves (JSON + PNG via dalle_ds.training.curves), the final image loss (mean of the last
 10% of steps), the relative gap, and skipped-step rates, in bench/results/. ``--time-budget`` (seconds per
 regime) stops a run early on a slow machine; the steps actually run are recorded.
 """
@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from bench.harness import RESULTS_DIR, Recorder
+from dalle_ds.training.curves import write_comparison_curve
 from tests.multirank import run_ranks
 
 DS_DIR = Path(__file__).resolve().parent.parent / "dalle_ds" / "ds_configs"
@@ -88,27 +89,6 @@ def _run(regime: str, steps: int, micro_batch: int, budget: float, log_every: in
             "skipped": eng.skipped_updates, "seconds": time.perf_counter() - t0}
 
 
-def _plot(curves: dict[str, list[float]], path: Path) -> None:
-    from PIL import Image, ImageDraw
-
-    w, h, pad = 800, 480, 50
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    lo = min(min(c) for c in curves.values())
-    hi = max(max(c) for c in curves.values())
-    n = max(len(c) for c in curves.values())
-    d.rectangle([pad, pad, w - pad, h - pad], outline="black")
-    colours = {"fp32_master": (31, 119, 180), "16bit": (214, 39, 40)}
-    for i, (name, c) in enumerate(curves.items()):
-        pts = [(pad + (w - 2 * pad) * j / max(1, n - 1), h - pad - (h - 2 * pad) * (v - lo) / max(1e-9, hi - lo))
-               for j, v in enumerate(c)]
-        d.line(pts, fill=colours.get(name, (0, 0, 0)), width=2)
-        d.text((pad + 10, pad + 10 + 15 * i), f"{name}: final {c[-1]:.4f}", fill=colours.get(name, (0, 0, 0)))
-    d.text((pad, h - pad + 10), f"update 0 .. {n - 1}", fill="black")
-    d.text((pad, 15), f"tiny prior, image loss per update (2 gloo ranks); y {lo:.3f} .. {hi:.3f}", fill="black")
-    img.save(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=500)
@@ -127,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     gap = (final["16bit"] - final["fp32_master"]) / final["fp32_master"]
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     png = RESULTS_DIR / f"precision_regimes-{time.strftime('%Y%m%d')}.png"
-    _plot({k: r["image_loss"][:n] for k, r in out.items()}, png)
+    write_comparison_curve(png, "tiny prior, image loss per update (nats/token), 2 gloo ranks",
+                           {k: r["image_loss"][:n] for k, r in out.items()})
     with Recorder("precision_regimes") as rec:
         for k, r in out.items():
             rec.add(f"{k}_final_image_loss", final[k], "nats", steps=n, requested_steps=args.steps, mode=r["mode"],

@@ -246,6 +246,17 @@ def test_learning_curve_draws_train_and_validation_points(tmp_path):
     assert (img == np.array(VAL)).all(-1).sum() > 40  # the validation markers are drawn
 
 
+def test_comparison_curve_draws_each_run_in_its_colour_where_its_values_are(tmp_path):
+    from dalle_ds.training.curves import PALETTE, PANEL_H, write_comparison_curve
+
+    high, low = [5.0] * 100, [1.0] * 100
+    img = np.asarray(Image.open(write_comparison_curve(tmp_path / "c.png", "loss", {"a": high, "b": low})))
+    rows_a = np.nonzero((img[:PANEL_H] == np.array(PALETTE[0])).all(-1).any(1))[0]
+    rows_b = np.nonzero((img[:PANEL_H] == np.array(PALETTE[1])).all(-1).any(1))[0]
+    assert len(rows_a) and len(rows_b)
+    assert rows_a.max() < rows_b.min()  # the higher curve is drawn above the lower one
+
+
 def test_cosine_schedule_warms_up_then_decays_to_the_floor():
     from dalle_ds.config import load_config
     from dalle_ds.training.schedules import WarmupCosineLR, WarmupPlateauLR, prior_lr_schedule

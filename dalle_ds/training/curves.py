@@ -5,6 +5,7 @@
 Two panels, image loss and text loss (nats per token) against updates: the training loss of
 ``metrics.jsonl`` (thin line: every update; thick line: its exponential moving average) and the
 validation loss of ``eval.jsonl`` (dots joined by a line), with axis ticks and a legend.
+``write_comparison_curve`` draws several runs of one quantity on one panel the same way (benchmarks).
 """
 
 from __future__ import annotations
@@ -108,6 +109,39 @@ def write_learning_curve(run_dir: str | Path, out: str | Path | None = None) -> 
         d.text((x + 18, PANEL_H + 4), label, fill="black", font=font)
         x += 30 + 7 * len(label)
     path = Path(out) if out is not None else run_dir / "learning_curve.png"
+    tmp = path.with_suffix(".tmp.png")
+    img.save(tmp)
+    tmp.replace(path)
+    return path
+
+
+PALETTE = ((40, 90, 200), (220, 60, 40), (40, 150, 60), (150, 60, 170))
+
+
+def _light(colour: tuple[int, int, int]) -> tuple[int, int, int]:
+    return tuple(int(c + 0.6 * (255 - c)) for c in colour)  # type: ignore[return-value]
+
+
+def write_comparison_curve(path: str | Path, title: str, curves: dict[str, list[float]]) -> Path:
+    """One panel, one colour per named curve (value per update): thin raw line, thick EMA; legend
+    with each curve's final EMA value. Returns the path."""
+    font = ImageFont.load_default()
+    series, legend = [], []
+    for colour, (label, values) in zip(PALETTE * 4, curves.items()):
+        points = [(float(i), float(v)) for i, v in enumerate(values) if math.isfinite(v)]
+        smooth = _ema(points)
+        series += [(points, _light(colour), 1, False), (smooth, colour, 2, False)]
+        legend.append((colour, f"{label} (EMA at end {smooth[-1][1]:.4f})" if smooth else label))
+    panel = _panel(title, series, font)
+    legend_h = 16 * len(legend) + 6
+    img = Image.new("RGB", (PANEL_W, PANEL_H + legend_h), "white")
+    img.paste(panel, (0, 0))
+    d = ImageDraw.Draw(img)
+    for i, (colour, label) in enumerate(legend):
+        y = PANEL_H + 4 + 16 * i
+        d.rectangle([MARGIN_L, y + 2, MARGIN_L + 14, y + 10], fill=colour)
+        d.text((MARGIN_L + 18, y), label, fill="black", font=font)
+    path = Path(path)
     tmp = path.with_suffix(".tmp.png")
     img.save(tmp)
     tmp.replace(path)
