@@ -360,6 +360,17 @@ def test_tokenize_images_views_keep_view_zero_and_are_deterministic(tmp_path):
 
     assert token_views(str(tmp_path / "three")) == 3 and token_views(str(tmp_path / "one")) == 1
 
+    # images already at the view size (as shard_corpus stores them): the augmented views still differ
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    views = tk.ViewAugment(16, 4, 0)
+    differ = 0
+    for _ in range(8):
+        v = views(Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)))  # (4, 3, 16, 16)
+        differ += sum(not torch.equal(v[i], v[0]) for i in range(1, 4))
+    assert differ >= 12  # of 24 augmented views; a view equals the centre crop only when t = 16 (1 in 3)
+
 
 def test_caption_dropout_empties_a_fraction_of_captions_and_resumes_exactly():
     from dalle_ds.config import ConfigError, load_config

@@ -7,8 +7,9 @@ Modes:
 - ``"dvae"``  (Listing 1): random square crop of side min(h, w); resize to t x t with t uniform in
   [9/8, 12/8]·size (capped at the crop side); random size x size crop; random horizontal flip.
 - ``"prior"`` (Listing 2): near-centre square crop (offset uniform in [3/8, 5/8] of the slack);
-  resize to t uniform in [1, 9/8]·size (capped at the crop side); random crop; never flips
-  (images can contain text).
+  resize to t uniform in [1, 9/8]·size; random crop; never flips (images can contain text). Unlike
+  the listing, t is not capped at the crop side: shards hold images at the training size, where the
+  cap would make every augmented view the centre crop.
 - ``"eval"``: the deterministic variant of "prior" used offline for tokenization and evaluation:
   exact centre square crop, resize to size.
 
@@ -86,9 +87,12 @@ class Augment:
         size = self.size
         if self.mode == "eval":
             return size
-        lo_f, hi_f = (9 / 8, 12 / 8) if self.mode == "dvae" else (1.0, 9 / 8)
-        lo = max(size, min(side, round(lo_f * size)))
-        hi = max(lo, min(side, round(hi_f * size)))
+        if self.mode == "prior":
+            # Not capped by the crop side: shards store images at the training size (no slack), and
+            # capping would make every view the centre crop; a zoom of at most 9/8 upsamples mildly.
+            return rng.randint(size, round(9 / 8 * size))
+        lo = max(size, min(side, round(9 / 8 * size)))
+        hi = max(lo, min(side, round(12 / 8 * size)))
         return rng.randint(lo, hi)
 
 
