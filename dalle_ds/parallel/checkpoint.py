@@ -96,7 +96,7 @@ import torch
 import torch.distributed as torch_dist
 
 from dalle_ds.parallel import deepspeed_internals as ds_internals
-from dalle_ds.parallel.dist import barrier, comm_device, get_rank, print0
+from dalle_ds.parallel.dist import all_gather_objects, barrier, comm_device, get_rank, print0
 
 EXIT_CHECKPOINTED = 75  # EX_TEMPFAIL: stopped by a signal after a complete checkpoint; requeue me
 TAG_RE = re.compile(r"^step_(\d{8,})$")
@@ -268,7 +268,7 @@ class Checkpointer:
                  **{name: self._stateful[name].state_dict() for name in self._names("rank", "replicated")}}
         _save_atomic(state, project / f"rank_{get_rank():05d}.pt")
         # collectives, on every rank, in registration order
-        gathered = {name: _gather_objects(self._stateful[name].state_dict())
+        gathered = {name: all_gather_objects(self._stateful[name].state_dict())
                     for name in self._names("redistributed")}
         node_state = {name: self._stateful[name].state_dict() for name in self._names("node_replica")}
         if node_state and self._first_node():
@@ -384,13 +384,6 @@ def _save_atomic(obj: Any, path: Path) -> None:
     tmp.replace(path)
 
 
-def _gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (small, picklable), in rank order."""
-    if _world() == 1:
-        return [obj]
-    out: list[Any] = [None] * _world()
-    torch_dist.all_gather_object(out, obj)
-    return out
 
 
 # ---------------------------------------------------------------- export

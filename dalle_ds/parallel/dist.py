@@ -282,6 +282,17 @@ def all_gather_values(values: list[float], group: torch_dist.ProcessGroup | None
     return out.view(n, -1).tolist()
 
 
+def all_gather_objects(obj, group: torch_dist.ProcessGroup | None = None) -> list:
+    """Every rank's small picklable ``obj``, in rank order (NCCL pickles through the current CUDA
+    device, which ``init_distributed`` sets)."""
+    world = _world(group)
+    if world == 1:
+        return [obj]
+    out: list = [None] * world
+    torch_dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 def _free_port() -> int:
     import socket
 
@@ -357,9 +368,7 @@ def build_node_groups(node_size: int = 0) -> NodeGroups:
     if node_size == 0:
         node_size = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     intra_layout, cross_layout = node_rank_layout(world, node_size)
-    hosts: list = [None] * world
-    torch_dist.all_gather_object(hosts, host_id())
-    check_node_placement(hosts, node_size)
+    check_node_placement(all_gather_objects(host_id()), node_size)
     mine_intra = mine_cross = None
     for ranks in intra_layout:
         group = torch_dist.new_group(ranks)
