@@ -178,6 +178,9 @@ class ModelConfig:
     image_vocab_size: int = 8192  # = dvae.codebook_size
     conv_kernel: int = 11  # convolutional attention neighbourhood (last layer)
     attention: AttentionBackend = "sparse"
+    # image->image attention per layer: "paper" (row / column / conv, Figure 11) or "causal" (every
+    # earlier image token in every layer: a plain decoder, for models too shallow for the sparse hops)
+    layer_pattern: Literal["paper", "causal"] = "paper"
     activation_checkpointing: bool = True
     text_loss_weight: float = 1.0 / 8
     image_loss_weight: float = 7.0 / 8
@@ -201,6 +204,8 @@ class ModelConfig:
             _require(getattr(self, name) >= 1, f"{p}.{name}", getattr(self, name), "must be >= 1")
         _require(self.d_model % self.n_heads == 0, f"{p}.n_heads", self.n_heads,
                  f"must divide model.d_model={self.d_model}")
+        _require(self.layer_pattern in ("paper", "causal"), f"{p}.layer_pattern", self.layer_pattern,
+                 "must be 'paper' or 'causal'")
         _require(self.conv_kernel >= 1 and self.conv_kernel % 2 == 1, f"{p}.conv_kernel", self.conv_kernel,
                  "must be a positive odd number")
         _require(self.text_loss_weight >= 0 and self.image_loss_weight >= 0, f"{p}.text_loss_weight",

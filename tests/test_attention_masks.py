@@ -95,6 +95,16 @@ def test_layer_pattern():
         layer_kinds(0)
 
 
+def test_causal_layer_pattern_is_the_plain_causal_mask():
+    assert layer_kinds(4, "causal") == ["causal"] * 4
+    mask = build_mask("causal", 5, 4)
+    assert torch.equal(mask, torch.ones(21, 21, dtype=torch.bool).tril())
+    # every earlier image token, where the paper's row pattern stops G + 1 slots back
+    assert mask[5 + 15, 5:].sum() == 16 and build_mask("row", 5, 4)[5 + 15, 5:].sum() == 5
+    with pytest.raises(ValueError, match="pattern='dense'"):
+        layer_kinds(4, "dense")
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="kind='diagonal'"):
         build_mask("diagonal", 2, 4)

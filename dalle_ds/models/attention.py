@@ -72,6 +72,19 @@ class DenseAttention:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self._dev.on(q.device)["mask"])
 
 
+class CausalAttention:
+    """Layer type ``causal``: the whole stream mask is plain causal, so SDPA's ``is_causal`` path
+    runs without a mask tensor (the ``dense`` and ``sparse`` backends both land here: there is no
+    sparsity to exploit)."""
+
+    def __init__(self, mask: Tensor):
+        self.mask = mask
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        _check(q, k, v, self.mask.shape[0])
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 def _softmax(s: Tensor) -> Tensor:
     return torch.softmax(s, -1, dtype=torch.float32 if s.element_size() < 4 else None).to(s.dtype)
 
@@ -333,6 +346,10 @@ class FlexAttention:
 def build_backend(name: str, kind: str, text_len: int, grid: int, kernel: int) -> AttentionBackend:
     """The backend ``name`` (dense | sparse | flex) for layer type ``kind`` (row | column | conv)."""
     mask = build_mask(kind, text_len, grid, kernel)
+    if name not in BACKENDS:
+        raise ValueError(f"model.attention={name!r}: must be one of {list(BACKENDS)}")
+    if kind == "causal" and name != "flex":
+        return CausalAttention(mask)
     match name:
         case "dense":
             return DenseAttention(mask)

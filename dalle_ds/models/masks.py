@@ -25,7 +25,11 @@ means img_a is predicted from the previous G+1 image tokens img_{a-G-1} .. img_{
   row pattern (Figure 11d: "a causal convolutional attention pattern with wraparound behavior"):
   a column offset past the grid edge continues on the neighbouring row. ``wraparound=False``
   clips the neighbourhood at the grid edges instead.
-- layer pattern (1-based i, n layers): conv for i = n; column when (i - 2) % 4 == 0; row otherwise.
+- causal (``causal``): slot a sees every slot <= a -- a standard decoder, not one of the paper's
+  patterns. With the text rules above the whole stream mask is then plain causal.
+- layer pattern ``"paper"`` (1-based i, n layers): conv for i = n; column when (i - 2) % 4 == 0; row
+  otherwise. ``"causal"``: every layer causal. The paper's sparse patterns were made for 64 layers; a
+  few-layer model reaches the whole image only through several hops (README, "What each lever bought").
 
 All functions are pure and return CPU bool tensors.
 """
@@ -35,13 +39,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-KINDS = ("row", "column", "conv")
+KINDS = ("row", "column", "conv", "causal")
+LAYER_PATTERNS = ("paper", "causal")
 
 
-def layer_kinds(n_layers: int) -> list[str]:
-    """Image->image pattern of each layer: row, column, row, row, row, column, ..., conv (last)."""
+def layer_kinds(n_layers: int, pattern: str = "paper") -> list[str]:
+    """Image->image pattern of each layer. ``paper``: row, column, row, row, row, column, ..., conv
+    (last); ``causal``: causal in every layer."""
     if n_layers < 1:
         raise ValueError(f"n_layers={n_layers}: must be >= 1")
+    if pattern not in LAYER_PATTERNS:
+        raise ValueError(f"layer pattern={pattern!r}: must be one of {list(LAYER_PATTERNS)}")
+    if pattern == "causal":
+        return ["causal"] * n_layers
     return ["conv" if i == n_layers else "column" if (i - 2) % 4 == 0 else "row" for i in range(1, n_layers + 1)]
 
 
@@ -89,6 +99,8 @@ def image_pattern(kind: str, grid: int, kernel: int = 11, wraparound: bool = Tru
             return column_pattern(grid)
         case "conv":
             return conv_pattern(grid, kernel, wraparound)
+        case "causal":
+            return torch.ones(grid * grid, grid * grid, dtype=torch.bool).tril()
         case _:
             raise ValueError(f"attention kind={kind!r}: must be one of {list(KINDS)}")
 

@@ -152,7 +152,7 @@ class Prior(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.kinds = layer_kinds(cfg.n_layers)
+        self.kinds = layer_kinds(cfg.n_layers, cfg.layer_pattern)
         # One backend (one mask) per layer type, shared by the layers of that type.
         self.backends = {kind: build_backend(cfg.attention, kind, cfg.text_len, cfg.image_grid, cfg.conv_kernel)
                          for kind in sorted(set(self.kinds))}
@@ -257,7 +257,7 @@ class Prior(nn.Module):
         per_token = cfg.n_layers * 2 * (4 + 2 * cfg.mlp_ratio) * d * d
         heads = 2 * d * (cfg.text_len * cfg.text_vocab_size + cfg.image_len * cfg.image_vocab_size)
         pairs = 0
-        for kind in layer_kinds(cfg.n_layers):
+        for kind in layer_kinds(cfg.n_layers, cfg.layer_pattern):
             pairs += s * s if dense_attention else int(build_mask(kind, cfg.text_len, cfg.image_grid,
                                                                   cfg.conv_kernel).sum())
         attn = 4 * d * pairs  # QK^T and PV: 2 * 2 * head_dim * heads per pair
