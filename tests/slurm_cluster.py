@@ -73,13 +73,15 @@ class LocalSlurmCluster:
         node_lines = "\n".join(
             f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={p} CPUs={self.cpus} "
             f"RealMemory={self.memory_mb} State=UNKNOWN" for n, p in zip(self.nodes, node_ports))
+        # cred_expire=10 (default 120): SLURM holds a requeued job that long before it may start again;
+        # bf_interval/sched_interval (default 30/60 s): a job whose BeginTime passed starts within a second or two.
         self.conf.write_text(f"""
 ClusterName=dalleds
 SlurmctldHost=localhost
 SlurmctldPort={ctld_port}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={self.munge_socket}
+AuthInfo=socket={self.munge_socket},cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={r / 'state'}
@@ -98,6 +100,7 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 ReturnToService=2
 SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=1,sched_interval=2
 KillWait=5
 MinJobAge=300
 InactiveLimit=0
