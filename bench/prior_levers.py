@@ -1,14 +1,16 @@
 """Record what each quality lever of the tiny demo bought (issue #16), from finished run folders.
 
     python -m bench.prior_levers --row "z3 default:runs/lev/p_z3def" --row "z3 persist:runs/lev/p_z3small" \\
-        --dvae-row "dvae 32px 1000:runs/lev/dvae32_export1000:32" --note "load average 13 (shared box)"
+        --dvae-row "dvae 32px 1000:runs/lev/dvae32_export1000:32" --note "load average 13 (shared box)" \\
+        --eval-row "2400 updates:runs/long/eval_dev_2400/demo_eval.json"
 
 A prior row reads ``RUN/metrics.jsonl`` (updates, wall seconds between the first and last logged
 update, seconds per update, sequences/s), ``RUN/eval.jsonl`` (the last validation losses),
 ``RUN/config.yaml`` (the levers: grid, text_len, dropout, micro-batch, schedule, lr, ZeRO JSON) and,
 when present, ``RUN/eval/demo_eval.json`` (caption-match with intervals). A dVAE row decodes the
 first 400 held-out images through the export (``--heldout``) and scores the reconstructions: the
-ceiling a perfect prior could reach with that dVAE. Writes ``bench/results/prior_levers-*.json``
+ceiling a perfect prior could reach with that dVAE. An eval row records one ``evaluate_captions`` report
+as it is (rates with intervals, per kind and attribute). Writes ``bench/results/prior_levers-*.json``
 (the harness's machine, date and command) and prints a Markdown table.
 """
 
@@ -51,6 +53,17 @@ def prior_row(label: str, run: Path) -> dict:
     return out
 
 
+def eval_row(label: str, report: Path) -> dict:
+    """One ``evaluate_captions`` report (``demo_eval.json``), e.g. a checkpoint of a longer run on the dev
+    captions: the caption-match rates with intervals, per caption kind, and the sampling settings."""
+    d = json.loads(report.read_text())
+    return {"label": label, "report": str(report), "split": d["split"], "captions": d["captions"],
+            "candidates": d["candidates"], "sampling": d["sampling"],
+            "rates": {k: d["rates"][k] for k in ("without_rerank", "rerank_top1", "any_of_n", "first_candidate")},
+            "kinds": {k: {r: v[r] for r in ("without_rerank", "rerank_top1", "any_of_n")} for k, v in d["kinds"].items()},
+            "attributes": {k: v["all"] for k, v in d["attributes"].items()}}
+
+
 def dvae_row(label: str, export: str, size: int, heldout: str, n: int = 400) -> dict:
     import torch
 
@@ -74,6 +87,7 @@ def dvae_row(label: str, export: str, size: int, heldout: str, n: int = 400) -> 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--row", action="append", default=[], help="LABEL:RUN_DIR of a prior run")
+    ap.add_argument("--eval-row", action="append", default=[], help="LABEL:DEMO_EVAL_JSON of an evaluate_captions report")
     ap.add_argument("--dvae-row", action="append", default=[], help="LABEL:EXPORT:IMAGE_SIZE of a dVAE export")
     ap.add_argument("--heldout", default="runs/lev/heldout_shards")
     ap.add_argument("--note", default="", help="conditions, e.g. the load average while the runs ran")
@@ -87,6 +101,13 @@ def main(argv: list[str] | None = None) -> None:
             rec.add(f"dvae/{label}", row["reconstruction_caption_match"]["rate"], unit="caption-match", **row)
             print(f"| {label} | {row['grid']}x{row['grid']} | step {row['step']} | {row['psnr']:.2f} dB | "
                   f"{row['reconstruction_caption_match']['rate']:.3f} | shape {row['attributes']['kind']['rate']:.3f} |")
+        for spec in args.eval_row:
+            label, report = spec.split(":", 1)
+            row = eval_row(label, Path(report))
+            rec.add(f"eval/{label}", row["rates"]["without_rerank"]["rate"], unit="caption-match", **row)
+            print(f"| {label} | {row['split']} x {row['captions']} | "
+                  + " | ".join(f"{row['rates'][k]['rate']:.3f} [{row['rates'][k]['ci95'][0]:.3f}, {row['rates'][k]['ci95'][1]:.3f}]"
+                               for k in ("without_rerank", "rerank_top1", "any_of_n")) + " |")
         for spec in args.row:
             label, run = spec.split(":", 1)
             row = prior_row(label, Path(run))
