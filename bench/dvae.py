@@ -3,6 +3,7 @@ images/s at 256 px with the paper-size encoder, dalle_ds vs OpenAI's ``dall_e.En
 weights in the same process.
 
     python -m bench.dvae --shards 'runs/demo/shards/shard-{000000..000007}.tar' [--steps 60] [--encode_batch 2]
+    python -m bench.dvae --step-variants-only      # the tiny dVAE's update, NCHW vs channels-last, two Gumbel draws
 
 Training rate: images per second between the first logged step (after warm-up) and the last one,
 read from the run's metrics.jsonl (``elapsed_s``), so start-up and the first steps are excluded.
@@ -42,6 +43,48 @@ def train_rate(shards: str, steps: int, ranks: int, cores: int) -> tuple[float, 
     return (b["step"] - a["step"]) * cfg_batch / (b["elapsed_s"] - a["elapsed_s"]), cfg_batch
 
 
+def step_variants(batch: int, repeat: int) -> dict[str, float]:
+    """Median ms per tiny-dVAE update (forward, backward, Adam) on one thread, in one process, for the
+    activation layout (NCHW vs channels-last input) x the Gumbel draw (``exponential_`` vs ``gumbel_noise``),
+    interleaved so that the ratios share the machine's state."""
+    import torch.nn.functional as F
+
+    from dalle_ds.config import load_config
+    import dalle_ds.models.dvae as dvae_module
+    from dalle_ds.models import dvae_loss
+    from dalle_ds.models.dvae import DiscreteVAE
+
+    def exponential_softmax(logits, tau, dim=1, generator=None):  # the draw used before 2026-12-02
+        return F.softmax((logits - torch.empty_like(logits).exponential_(generator=generator).log()) / tau, dim=dim)
+
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    x = torch.rand(batch, 3, cfg.data.image_size, cfg.data.image_size)
+    variants = {(layout, draw): None for layout in ("nchw", "channels_last") for draw in ("exponential", "loglog")}
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in variants}
+    original = dvae_loss.gumbel_softmax
+    models = {k: DiscreteVAE(cfg.dvae) for k in variants}
+    optims = {k: torch.optim.AdamW(m.parameters(), 1e-4) for k, m in models.items()}
+    try:
+        for _ in range(repeat + 1):  # the first round warms up
+            for (layout, draw), model in models.items():
+                dvae_module.gumbel_softmax = exponential_softmax if draw == "exponential" else original
+                inp = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+                g = torch.Generator().manual_seed(1)
+                seconds = timeit(lambda: _update(model, optims[(layout, draw)], inp, g), warmup=1, repeat=3)
+                times[(layout, draw)].append(seconds)
+    finally:
+        dvae_module.gumbel_softmax = original
+    return {f"{layout}+{draw}": 1000 * sorted(t[1:])[len(t[1:]) // 2] for (layout, draw), t in times.items()}
+
+
+def _update(model, optim, images, generator) -> None:
+    loss, _ = model(images, 1.0, 1.0, generator=generator)
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    optim.step()
+
+
 def encode_rates(batch: int, repeat: int) -> tuple[float, float, float]:
     import dall_e
 
@@ -61,11 +104,25 @@ def encode_rates(batch: int, repeat: int) -> tuple[float, float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shards", required=True, help="image shards of the tiny preset (64 px)")
+    ap.add_argument("--shards", default=None, help="image shards of the tiny preset (64 px)")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--encode_batch", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--step-batch", type=int, default=16, help="images per update in the step-variant timing")
+    ap.add_argument("--step-variants-only", action="store_true", help="only the in-process step-variant timing")
     args = ap.parse_args()
+    if args.step_variants_only:
+        torch.set_num_threads(1)
+        with Recorder("dvae_step") as rec:
+            ms = step_variants(args.step_batch, args.repeat)
+            base = ms["nchw+exponential"]
+            for name, value in ms.items():
+                rec.add(f"update_ms_{name}", value, unit="ms", batch=args.step_batch, threads=1,
+                        speedup_vs_nchw_exponential=round(base / value, 3),
+                        load_avg_1min_at_start=round(os.getloadavg()[0], 2))
+        return
+    if not args.shards:
+        ap.error("--shards is required (unless --step-variants-only)")
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0]
     with Recorder("dvae") as rec:

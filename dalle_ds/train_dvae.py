@@ -105,7 +105,10 @@ def train(cfg: Config, ds_config_path: str, eval_shards: str | None = None, eval
     eval_vae = DiscreteVAE(cfg.dvae)  # holds the EMA weights for grids, evaluation and export
     stats, batches = RunningStats(cfg.dvae.codebook_size), iter(loader)
     for step in loop:
-        images = next(batches)["images"]  # (B, C, H, W) in [0, 1]
+        # Channels-last activations: oneDNN's convolutions run faster on them (README, Stage 1: with the
+        # cheaper Gumbel noise 44 -> 59 images/s on 2 CPU ranks). The weights stay NCHW-contiguous, which
+        # DeepSpeed's parameter broadcast needs; the layout follows the input through every conv.
+        images = next(batches)["images"].contiguous(memory_format=torch.channels_last)  # (B, C, H, W) in [0, 1]
         s = sched(step - 1)  # the values for update number `step`, counted from 0
         engine.set_lr(s["lr"])
         loss, terms = engine(images, s["tau"], s["beta"], generator=noise_generator(cfg.run.seed, step - 1, info.rank),

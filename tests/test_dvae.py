@@ -10,9 +10,9 @@ import torch
 from dalle_ds.config import DVAEConfig, DVAETrainConfig
 from dalle_ds.models.dvae import DiscreteVAE, save_dvae
 from dalle_ds.models.dvae_io import load_dvae
-from dalle_ds.models.dvae_loss import (DVAELossSpec, codebook_usage, dvae_loss, gumbel_softmax, histogram_usage,
-                                       kl_to_uniform, logit_laplace_nll, map_pixels, marginal_kl_to_uniform, mse_psnr,
-                                       unmap_pixels)
+from dalle_ds.models.dvae_loss import (DVAELossSpec, codebook_usage, dvae_loss, gumbel_noise, gumbel_softmax,
+                                       histogram_usage, kl_to_uniform, logit_laplace_nll, map_pixels,
+                                       marginal_kl_to_uniform, mse_psnr, unmap_pixels)
 from dalle_ds.models.dvae_loss import psnr as dvae_psnr
 from dalle_ds.training.ema import EMA
 from dalle_ds.training.schedules import DVAESchedule, cosine
@@ -119,6 +119,19 @@ def test_gumbel_softmax_is_reproducible_and_sharpens_with_tau():
     assert float(cold.max(1).values.min()) > 0.9
     with pytest.raises(ValueError, match="tau=0"):
         gumbel_softmax(logits, 0)
+
+
+def test_gumbel_noise_has_the_gumbel_law_and_samples_the_softmax():
+    # Gumbel(0, 1): mean = Euler-Mascheroni 0.5772, variance pi^2 / 6; and the Gumbel-max trick:
+    # argmax(logits + g) is distributed as softmax(logits), which is what the relaxation relies on.
+    g = gumbel_noise(torch.empty(1_000_000), torch.Generator().manual_seed(0))
+    assert torch.isfinite(g).all()
+    assert float(g.mean()) == pytest.approx(0.5772, abs=0.005)
+    assert float(g.var()) == pytest.approx(math.pi**2 / 6, rel=0.01)
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    draws = logits + gumbel_noise(torch.empty(200_000, 4), torch.Generator().manual_seed(1))
+    freq = torch.bincount(draws.argmax(1), minlength=4).double() / 200_000
+    assert torch.allclose(freq, torch.softmax(logits.double(), 0), atol=0.005)
 
 
 def test_metrics_hand_values():

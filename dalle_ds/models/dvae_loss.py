@@ -46,14 +46,23 @@ def logit_laplace_nll(y: torch.Tensor, mu: torch.Tensor, ln_b: torch.Tensor) -> 
             + (logit_y - mu).abs() * torch.exp(-ln_b))
 
 
+def gumbel_noise(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gumbel(0, 1) noise shaped like ``like``: -log(-log u), u ~ U(0, 1) from ``generator``.
+
+    Two vectorised logs of ``torch.rand`` instead of ``-log(Exponential(1))``: on CPU,
+    ``exponential_`` with a generator took 50 ms per tiny-preset batch against 13 ms (README, Stage 1).
+    u is clamped away from 0 (log 0); a u of 1 - 2^-24 gives g = -log(6e-8) = 16.6, finite."""
+    u = torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    return u.clamp_min_(torch.finfo(u.dtype).tiny).log_().neg_().log_().neg_()
+
+
 def gumbel_softmax(logits: torch.Tensor, tau: float, dim: int = 1,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """softmax((logits + g) / tau), g ~ Gumbel(0, 1) drawn from ``generator`` (so a run can make the
     noise a function of (seed, step, rank) and resume exactly)."""
     if tau <= 0:
         raise ValueError(f"tau={tau}: must be > 0")
-    g = -torch.empty_like(logits).exponential_(generator=generator).log()
-    return F.softmax((logits + g) / tau, dim=dim)
+    return F.softmax((logits + gumbel_noise(logits, generator)) / tau, dim=dim)
 
 
 def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
