@@ -19,7 +19,7 @@ def test_override_precedence_and_types():
     assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
     assert cfg.model.attention == "dense"
     assert cfg.optim.betas == (0.8, 0.9)
-    assert load_config("tiny").optim.lr == 1e-3  # file beats defaults, untouched by the above
+    assert load_config("tiny").optim.lr == 2e-3  # file beats defaults, untouched by the above
 
 
 @pytest.mark.parametrize("override, fragment", [
