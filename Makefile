@@ -9,9 +9,9 @@ DEMO_DIR ?= runs/demo
 # "--guidance-scale 3" (classifier-free guidance)
 DEMO_SAMPLING ?= --temperature 1.0
 # Prior updates of the demo: what fits the 20-minute budget on a 2-core CPU (README, "What `make demo`
-# reports": 16 min 42 s with 900, about 18 min 45 s with 1200 on an idle Zen 3). The prior learns on
-# well past it: `make demo DEMO_PRIOR_STEPS=4800` (about 25 more minutes at 0.41 s per update).
-DEMO_PRIOR_STEPS ?= 1200
+# reports": 16 min 42 s with 900 updates, 20 min 14 s with 1200 on an idle Zen 3). The prior learns on
+# well past it: `make demo DEMO_PRIOR_STEPS=4800` (about 29 more minutes at 0.46 s per update).
+DEMO_PRIOR_STEPS ?= 1000
 export DS_ACCELERATOR ?= cpu
 export PYTHONPATH := $(CURDIR)
 
