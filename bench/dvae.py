@@ -54,13 +54,13 @@ def step_variants(batch: int, repeat: int) -> dict[str, float]:
     from dalle_ds.models import dvae_loss
     from dalle_ds.models.dvae import DiscreteVAE
 
-    def exponential_softmax(logits, tau, dim=1, generator=None):  # the draw used before 2026-12-02
+    def exponential_softmax(logits, tau, dim=1, generator=None):  # the draw used before 2026-12-03
         return F.softmax((logits - torch.empty_like(logits).exponential_(generator=generator).log()) / tau, dim=dim)
 
     cfg = load_config("tiny")
     torch.manual_seed(0)
     x = torch.rand(batch, 3, cfg.data.image_size, cfg.data.image_size)
-    variants = {(layout, draw): None for layout in ("nchw", "channels_last") for draw in ("exponential", "loglog")}
+    variants = [(layout, draw) for layout in ("nchw", "channels_last") for draw in ("exponential", "loglog")]
     times: dict[tuple[str, str], list[float]] = {k: [] for k in variants}
     original = dvae_loss.gumbel_softmax
     models = {k: DiscreteVAE(cfg.dvae) for k in variants}
