@@ -108,11 +108,11 @@ def train(cfg: Config, ds_config_path: str, eval_shards: str | None = None, eval
         # Channels-last activations: oneDNN's convolutions run faster on them (README, Stage 1: with the
         # cheaper Gumbel noise 44 -> 59 images/s on 2 CPU ranks). The weights stay NCHW-contiguous, which
         # DeepSpeed's parameter broadcast needs; the layout follows the input through every conv.
-        images = next(batches)["images"].contiguous(memory_format=torch.channels_last)  # (B, C, H, W) in [0, 1]
+        images = next(batches)["images"].to(engine.device).contiguous(memory_format=torch.channels_last)
         s = sched(step - 1)  # the values for update number `step`, counted from 0
         engine.set_lr(s["lr"])
-        loss, terms = engine(images, s["tau"], s["beta"], generator=noise_generator(cfg.run.seed, step - 1, info.rank),
-                             loss_spec=loss_spec)
+        noise = noise_generator(cfg.run.seed, step - 1, info.rank, engine.device)
+        loss, terms = engine(images, s["tau"], s["beta"], generator=noise, loss_spec=loss_spec)
         engine.engine_step(loss)
         ema.update(model)
         stats.add(float(loss.detach()), float(terms["nll"]), float(terms["kl"]), float(terms["marginal_kl"]),
@@ -137,10 +137,11 @@ def optim_spec(cfg: DVAETrainConfig) -> OptimSpec:
     return OptimSpec(cfg.micro_batch_size, 1, cfg.lr_start, tuple(cfg.betas), cfg.eps, cfg.weight_decay)
 
 
-def noise_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """Gumbel noise as a pure function of (seed, step, rank): nothing to checkpoint for it."""
+def noise_generator(seed: int, step: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """Gumbel noise as a pure function of (seed, step, rank): nothing to checkpoint for it. On the model's
+    device: a generator draws only on its own device's tensors."""
     digest = hashlib.blake2b(f"gumbel/{seed}/{step}/{rank}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
 
 class RunningStats:

@@ -6,7 +6,8 @@
   FlexAttention (sm_80+; sparse below), checkpoint, resume, export, KV-cache sampling; the same in bf16;
 - PowerSGD's averaging of CUDA shards under NCCL (the device discipline: no CPU tensor in a collective);
 - flex refused below sm_80, flex = dense on sm_80+;
-- `evaluate` and `tokenize_images` with model and inputs on the GPU.
+- `evaluate` and `tokenize_images` with model and inputs on the GPU;
+- the dVAE through dalle_ds/train_dvae.py: host batches moved to the rank's GPU, Gumbel noise drawn there.
 """
 
 from __future__ import annotations
@@ -95,6 +96,24 @@ def test_train_checkpoint_resume_export_sample(tmp_path, token_data, regime, ds_
     assert cached.device.type == "cuda" and cached.shape == plain.shape
     # same seeds: the cache changes only the order of float sums, so draws agree but for rare ties
     assert (cached[:, :8] == plain[:, :8]).float().mean() >= 0.9, (cached[:, :8], plain[:, :8])
+
+
+def test_train_dvae_on_cuda(tmp_path):
+    from tests.test_dvae_train import OVERRIDES, _write_shards
+
+    shards = _write_shards(tmp_path / "shards")
+    world, port = _ranks(), str(free_port())
+    run = tmp_path / "dvae"
+    args = [sys.executable, str(ROOT / "dalle_ds/train_dvae.py"), "--deepspeed-config", "dvae.json", "--config",
+            "tiny", *OVERRIDES, f"data.image_shards={shards}/shard-{{000000..000001}}.tar", f"run.dir={run}",
+            "dvae_train.max_steps=4", "logging.tensorboard=false"]
+    procs = [subprocess.Popen(args, env=_env(r, world, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, cwd=ROOT) for r in range(world)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-4000:] for o in outs)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert rows and rows[-1]["step"] == 4 and all(r["loss"] == r["loss"] for r in rows), outs[0][-3000:]
+    assert (run / "export" / "model.safetensors").is_file()
 
 
 def _powersgd_nccl() -> dict:

@@ -210,9 +210,19 @@ class Engine:
         """DeepSpeed's (ZeRO) optimiser, e.g. ``DeepSpeedZeroOptimizer_Stage3``."""
         return self.ds.optimizer
 
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's model lives: cuda:LOCAL_RANK under NCCL, the CPU under gloo."""
+        return self.ds.device
+
     # -- forward / backward / step
     def __call__(self, *args, **kwargs):
-        return self.ds(*args, **kwargs)
+        """The model's forward with tensor arguments moved to ``device`` first: the loaders yield host
+        tensors and DeepSpeed moves no inputs (on the CPU this is a no-op)."""
+        def to_device(v):
+            return v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+
+        return self.ds(*map(to_device, args), **{k: to_device(v) for k, v in kwargs.items()})
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)
