@@ -125,10 +125,14 @@ def test_big_shard_goes_up_multipart_and_resumes_after_kill(s3_server, tmp_path)
                             start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
+        # The job is stopped while the bucket is listed, so it cannot finish the second shard between a
+        # listing and the kill however slow the listing is (a race CI lost once on a fast machine).
+        os.killpg(proc.pid, signal.SIGSTOP)
         listing = s3_server.client().list_objects_v2(Bucket=bucket, Prefix=key + "_progress/shard-")
         if listing.get("KeyCount", 0) >= 1:
             os.killpg(proc.pid, signal.SIGKILL)
             break
+        os.killpg(proc.pid, signal.SIGCONT)
         time.sleep(0.02)
     proc.wait()
     assert not storage.exists(out + "manifest.json"), "finished before it could be killed"
